@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         None, ge=0, description="Trailing silence that ends a turn, 0 = off (unset: the model's)."
     )
     max_response_tokens: int = Field(128, ge=1, description="Longest response a session may get.")
+    endpoint_silence_dbfs: float = Field(
+        -45.0, le=0, description="A 40 ms audio frame quieter than this counts as silence (end-pointing)."
+    )
 
     # -- worker --------------------------------------------------------------------------------
     worker_name: str = Field(
@@ -78,6 +81,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="Deliveries before a session is dead-lettered.")
     drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: time to finish live sessions.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Worker health + Prometheus port (0 = off).")
+    inference_threads: int = Field(
+        2, ge=1, description="Sessions computing at once in a worker (threads running ONNX Runtime)."
+    )
+    audio_idle_timeout_s: float = Field(
+        60.0, gt=0, description="A session whose audio stops arriving (no end marker) ends after this."
+    )
 
     # -- ingest --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Ingest HTTP bind address.")

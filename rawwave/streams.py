@@ -187,6 +187,13 @@ class Streams:
             await self.redis.xclaim(key, contract.WORKERS_GROUP, consumer, 0, [claim.entry_id], justid=True)
         return lost
 
+    async def release(self, consumer: str, claim: Claim) -> None:
+        """Hand a live session back (a draining worker): it stays pending, but looks idle for
+        `reclaim_idle_ms` already, so the next worker's reclaim_idle takes it over at once."""
+        key = contract.announce_key(claim.partition)
+        idle, ids = self.settings.reclaim_idle_ms, [claim.entry_id]
+        await self.redis.xclaim(key, contract.WORKERS_GROUP, consumer, 0, ids, idle=idle, justid=True)
+
     async def still_owner(self, consumer: str, claim: Claim) -> bool:
         return await self._owner(contract.announce_key(claim.partition), claim.entry_id) == consumer
 

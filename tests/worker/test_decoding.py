@@ -1,0 +1,151 @@
+"""Pure decoding logic on a numpy toy model: speculation is lossless, stops and budgets are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.worker.toy import ToyDrafter, ToyTarget
+from worker.decoding import AdaptiveDrafter, StopRule, agreeing_prefix, generate, prefill, verify
+
+
+def plain_greedy(target: ToyTarget, prompt: list[int], stop: StopRule, max_tokens: int) -> list[int]:
+    """The reference: one token at a time, straight from the logits."""
+    seen, out = list(prompt), []
+    while len(out) < max_tokens:
+        token = int(target.row(seen).argmax())
+        if token in stop.eos:
+            break
+        out.append(token)
+        seen.append(token)
+        if stop.stops_after(out):
+            break
+    return out
+
+
+def test_agreeing_prefix() -> None:
+    assert agreeing_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert agreeing_prefix([], [5]) == 0
+    assert agreeing_prefix([9], [1]) == 0
+    assert agreeing_prefix([1, 2], [1, 2]) == 2
+
+
+def test_verify_keeps_committed_and_agreeing_drafts() -> None:
+    target = ToyTarget()
+    ctx = target.start([1, 2])
+    truth = plain_greedy(target, [1, 2, 7], StopRule(frozenset()), 3)
+    round_ = verify(target, ctx, [7], [truth[0], truth[1], (truth[2] + 1) % target.vocab])
+    assert round_.tokens == [7, truth[0], truth[1]]
+    after = round_.context(target, len(round_.tokens))
+    assert after.length == ctx.length + 3
+    assert after.next_token == truth[2]
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_equals_greedy(seed: int, k: int) -> None:
+    target = ToyTarget(seed=seed)
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, target.vocab, size=4).tolist()
+    stop = StopRule(frozenset({int(rng.integers(0, target.vocab))}))
+    reference = plain_greedy(target, prompt, stop, 40)
+    drafter = ToyDrafter(target, num_draft_tokens=k, wrong_every=2 + seed % 4)
+    plain = generate(target, target.start(prompt), stop, 40)
+    fast = generate(target, target.start(prompt), stop, 40, drafter=drafter)
+    assert plain.tokens == reference
+    assert fast.tokens == reference
+    adaptive = generate(target, target.start(prompt), stop, 40, drafter=AdaptiveDrafter(drafter))
+    assert adaptive.tokens == reference
+    assert fast.ctx.length == plain.ctx.length
+    assert fast.ctx.next_token == plain.ctx.next_token
+    assert fast.stats.calls <= plain.stats.calls
+
+
+def test_drafter_speeds_up_and_counts() -> None:
+    target = ToyTarget(seed=3)
+    drafter = ToyDrafter(target, num_draft_tokens=4, wrong_every=1000)  # almost always right
+    out = generate(target, target.start([1]), StopRule(frozenset()), 30, drafter=drafter)
+    assert len(out.tokens) == 30
+    assert out.stats.acceptance > 0.9
+    assert out.stats.tokens_per_call > 3
+
+
+def test_guess_is_verified_with_forced_tokens_in_one_call() -> None:
+    target = ToyTarget(seed=5)
+    ctx = target.start([3, 4])
+    stop = StopRule(frozenset())
+    full = generate(target, ctx, stop, 12, forced=[9, 9])
+    target.calls = 0
+    again = generate(target, ctx, stop, 12, forced=[9, 9], guess=full.tokens[2:])
+    assert again.tokens == full.tokens
+    assert target.calls == 1
+    assert again.stats.guess_accepted == 10
+
+
+def test_wrong_guess_changes_nothing() -> None:
+    target = ToyTarget(seed=6)
+    ctx = target.start([3])
+    stop = StopRule(frozenset())
+    full = generate(target, ctx, stop, 10, forced=[1])
+    wrong = [(t + 1) % target.vocab for t in full.tokens[1:]]
+    assert generate(target, ctx, stop, 10, forced=[1], guess=wrong).tokens == full.tokens
+
+
+def test_end_sequence_is_kept_and_stops() -> None:
+    target = ToyTarget(seed=7)
+    reference = plain_greedy(target, [2], StopRule(frozenset()), 20)
+    end = reference[5]
+    stop = StopRule(frozenset(), end=(end,))
+    out = generate(target, target.start([2]), stop, 20, drafter=ToyDrafter(target, 4, 1000))
+    assert out.tokens == reference[: reference.index(end) + 1]
+    assert out.stopped
+    assert out.ctx.length == 1 + len(out.tokens)
+
+
+def test_forced_tokens_never_stop() -> None:
+    target = ToyTarget(seed=8)
+    stop = StopRule(frozenset({5}), end=(6,))
+    out = generate(target, target.start([1]), stop, 10, forced=[5, 6])
+    assert out.tokens[:2] == [5, 6]
+
+
+def test_eos_draft_is_cut_and_context_stays_before_it() -> None:
+    target = ToyTarget(seed=9)
+    reference = plain_greedy(target, [4], StopRule(frozenset()), 20)
+    eos = reference[3]
+    stop = StopRule(frozenset({eos}))
+    out = generate(target, target.start([4]), stop, 20, drafter=ToyDrafter(target, 5, 1000))
+    assert out.tokens == reference[: reference.index(eos)]
+    assert out.ctx.next_token == eos
+    assert out.ctx.length == 1 + len(out.tokens)
+
+
+def test_budget_is_exact() -> None:
+    target = ToyTarget(seed=10)
+    out = generate(target, target.start([1]), StopRule(frozenset()), 7, drafter=ToyDrafter(target, 5, 1000))
+    assert len(out.tokens) == 7
+    assert not out.stopped
+
+
+def test_prefill_matches_token_by_token() -> None:
+    target = ToyTarget(seed=11)
+    ctx = prefill(target, target.start([1]), [2, 3, 4])
+    assert ctx.length == 4
+    assert np.array_equal(ctx.logits, target.row([1, 2, 3, 4]))
+
+
+def test_adaptive_drafter_backs_off_a_useless_drafter_and_probes() -> None:
+    target = ToyTarget(seed=12)
+    useless = ToyDrafter(target, num_draft_tokens=4, wrong_every=1)  # always wrong
+    adaptive = AdaptiveDrafter(useless)
+    out = generate(target, target.start([1]), StopRule(frozenset()), 60, drafter=adaptive)
+    assert out.tokens == plain_greedy(target, [1], StopRule(frozenset()), 60)
+    assert adaptive.length == 0
+    assert 0 < out.stats.drafted < 4 + 2 + 1 + 60 // AdaptiveDrafter.PROBE_EVERY + 1
+
+
+def test_adaptive_drafter_keeps_a_good_drafter_at_full_length() -> None:
+    target = ToyTarget(seed=13)
+    adaptive = AdaptiveDrafter(ToyDrafter(target, num_draft_tokens=4, wrong_every=1000))
+    generate(target, target.start([1]), StopRule(frozenset()), 40, drafter=adaptive)
+    assert adaptive.length == 4

@@ -1,0 +1,385 @@
+"""ONNX Runtime sessions for one model directory: embedders, decoder, MTP drafter, and the tokenizer.
+
+The model directory is the only contract (rawwave/model_dir.py): this module opens its graphs, checks
+their actual inputs and outputs against runtime.json at load (a mismatch is one clear ModelDirError),
+and offers numpy-in, numpy-out calls. The KV cache is an opaque `KvCache`: host numpy arrays on the
+CPU; on CUDA, OrtValues that stay on the device between calls (IOBinding). Never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from rawwave.errors import RawwaveError
+from rawwave.logs import get_logger
+from rawwave.model_dir import TOKENIZER_FILE, ModelDirError, RuntimeConfig, load_runtime_config
+from rawwave.settings import Settings
+from worker.decoding import Context
+
+log = get_logger(__name__)
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+PCM_SCALE = 1 / 32768  # s16 -> float in [-1, 1)
+
+
+class DeviceError(RawwaveError):
+    """The configured device is not available in this onnxruntime build."""
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """Per KV-owning layer, key then value, each (1, kv_heads, length, head_dim): numpy or OrtValue."""
+
+    tensors: tuple[Any, ...]
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_intra_threads
+    options.inter_op_num_threads = settings.ort_inter_threads
+    options.graph_optimization_level = OPT_LEVELS[settings.ort_graph_optimization]
+    options.log_severity_level = 3
+    return options
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceError(
+            "RAWWAVE_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider "
+            f"(it has {', '.join(ort.get_available_providers())}): pip install 'rawwave[gpu]'"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class Graph:
+    """One InferenceSession plus what its declared I/O says."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.name = path.name
+        try:
+            self.session = ort.InferenceSession(
+                str(path), session_options(settings), providers=providers_for(settings.device)
+            )
+        except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as e:  # type: ignore[attr-defined]
+            raise ModelDirError(f"{path}: onnxruntime cannot load it: {e}") from e
+        self.inputs = {i.name: i for i in self.session.get_inputs()}  # what a call must feed
+        self.optional = {i.name for i in self.session.get_overridable_initializers()}  # may leave unfed
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = list(self.outputs)
+
+    def dtype(self, name: str) -> Any:
+        return NUMPY_TYPES.get(self.inputs[name].type, np.float32)
+
+    def run(self, feeds: dict[str, Any]) -> list[Any]:
+        return self.session.run(self.output_names, {k: v for k, v in feeds.items() if k in self.inputs})
+
+
+class Runtime:
+    """The whole model: `extend` / `truncate` make it a decoding.Target; `drafter` is a decoding.Drafter."""
+
+    def __init__(self, model_dir: Path, settings: Settings) -> None:
+        self.model_dir = model_dir
+        self.config = load_runtime_config(model_dir)
+        self.device = settings.device
+        self.tokenizer = _load_tokenizer(model_dir / TOKENIZER_FILE)
+        self._rows: dict[int, np.ndarray] = {}  # token -> embedding row, filled as tokens are decoded
+        graphs = self.config.graphs
+        self.embed = Graph(model_dir / graphs.embed_tokens, settings)
+        self.audio = Graph(model_dir / graphs.audio_embed, settings)
+        self.decoder = Graph(model_dir / graphs.decoder, settings)
+        self.kv_names = [
+            f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")
+        ]
+        self.present_names = [name.replace("past_key_values", "present") for name in self.kv_names]
+        check_graphs(self.config, self.embed, self.audio, self.decoder)
+        self.float_type = self.decoder.dtype("inputs_embeds")
+        self.drafter = _load_drafter(self, settings) if graphs.drafter and self.config.drafter else None
+        log.info(
+            "model loaded", model_dir=str(model_dir), device=self.device, drafter=self.drafter is not None
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.config.layers)
+
+    # -- embedders -----------------------------------------------------------------------------
+
+    def embed_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
+        if len(token_ids) == 1:  # a decode step: the row is remembered, one graph call saved
+            return self._token_row(int(token_ids[0]))[None]  # (1, H)
+        ids = np.asarray(token_ids, dtype=np.int64)[None]  # (1, T)
+        return self.embed.run({"input_ids": ids})[0][0]  # (T, H)
+
+    def _token_row(self, token: int) -> np.ndarray:
+        row = self._rows.get(token)
+        if row is None:
+            row = self._rows[token] = self.embed.run({"input_ids": np.array([[token]], np.int64)})[0][0, 0]
+        return row
+
+    def embed_audio(self, pcm: np.ndarray) -> np.ndarray:
+        """pcm int16 (N * frame_samples,) -> audio soft tokens (N, H)."""
+        frames = pcm.astype(np.float32).reshape(1, -1, self.config.frame_samples) * PCM_SCALE  # (1, N, 640)
+        return self.audio.run({"audio_frames": frames})[0][0]  # (N, H)
+
+    # -- decoder: a decoding.Target ------------------------------------------------------------
+
+    def empty_cache(self) -> KvCache:
+        shapes = [(1, layer.kv_heads, 0, layer.head_dim) for layer in self.config.layers for _ in range(2)]
+        return KvCache(tuple(self._to_device(np.zeros(s, self.float_type)) for s in shapes))
+
+    def start(self, token_ids: Sequence[int]) -> Context:
+        """A context holding a prompt."""
+        logits, hidden, cache = self.extend(self.empty_cache(), 0, token_ids, keep=1)
+        return Context(cache, len(token_ids), logits[-1], hidden[-1])
+
+    def extend(
+        self, cache: KvCache, length: int, token_ids: Sequence[int], keep: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, KvCache]:
+        return self.extend_embeds(cache, length, self.embed_tokens(token_ids), keep)
+
+    def extend_embeds(
+        self, cache: KvCache, length: int, embeds: np.ndarray, keep: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, KvCache]:
+        """Append embeddings (T, H) at positions length..: logits (keep or T, V), hidden (T, H), cache."""
+        steps = embeds.shape[0]
+        feeds = {
+            "inputs_embeds": embeds[None].astype(self.float_type, copy=False),  # (1, T, H)
+            "position_ids": np.arange(length, length + steps, dtype=np.int64)[None],  # (1, T)
+            "attention_mask": np.ones((1, length + steps), np.int64),  # (1, P + T)
+            "num_logits_to_keep": np.array(keep, np.int64),
+        }
+        logits, hidden, *present = self._run_decoder(feeds, cache)
+        return logits[0], hidden[0], KvCache(tuple(present))
+
+    def truncate(self, cache: KvCache, length: int) -> KvCache:
+        if self.device == "cpu":
+            return KvCache(tuple(t[:, :, :length] for t in cache.tensors))
+        host = [t.numpy()[:, :, :length] for t in cache.tensors]  # no device-side slice in the ORT API
+        return KvCache(tuple(self._to_device(np.ascontiguousarray(t)) for t in host))
+
+    def _run_decoder(self, feeds: dict[str, np.ndarray], cache: KvCache) -> list[Any]:
+        if self.device == "cpu":
+            return self.decoder.run(feeds | dict(zip(self.kv_names, cache.tensors, strict=True)))
+        return run_bound(self.decoder, feeds, dict(zip(self.kv_names, cache.tensors, strict=True)),
+                         device_outputs=set(self.present_names))  # fmt: skip
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        return array if self.device == "cpu" else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+
+def run_bound(
+    graph: Graph, host: dict[str, np.ndarray], device: dict[str, Any], device_outputs: set[str]
+) -> list[Any]:
+    """One CUDA call through IOBinding: OrtValues stay on the device; the rest come back as numpy."""
+    binding = graph.session.io_binding()
+    for name, value in host.items():
+        if name in graph.inputs:
+            binding.bind_cpu_input(name, value)
+    for name, value in device.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in graph.output_names:
+        binding.bind_output(name, "cuda" if name in device_outputs else "cpu")
+    graph.session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    return [
+        v if name in device_outputs else v.numpy() for name, v in zip(graph.output_names, values, strict=True)
+    ]
+
+
+class Drafter:
+    """The MTP assistant: one graph call per drafted token, reading the target's last sliding and last
+    full layer KV. Inputs are matched to the graph's names by role (see `DRAFTER_ROLES`)."""
+
+    def __init__(self, runtime: Runtime, graph: Graph) -> None:
+        spec = runtime.config.drafter
+        assert spec is not None
+        self.runtime, self.graph, self.spec = runtime, graph, spec
+        self.num_draft_tokens = spec.num_draft_tokens
+        self.roles = drafter_roles(spec.inputs, spec.outputs)
+        self.shared = [runtime.kv_names.index(f"past_key_values.{i}.{kind}")
+                       for i in spec.shared_layers for kind in ("key", "value")]  # fmt: skip
+        self.calls = 0
+
+    def propose(self, ctx: Context, token: int, count: int) -> list[int]:
+        """Greedy drafts after `token` (at position ctx.length), starting from the target's hidden state."""
+        kv = {name: ctx.cache.tensors[i] for name, i in zip(self.roles.kv, self.shared, strict=True)}
+        hidden = ctx.hidden[None, None].astype(self.graph.dtype(self.roles.hidden))  # (1, 1, Hb)
+        position = np.array([[ctx.length]], np.int64)  # (1, 1) fixed for the whole round, as the reference
+        drafts: list[int] = []
+        for _ in range(count):
+            embeds = self.runtime.embed_tokens([token])[None]  # (1, 1, Hb)
+            logits, hidden = self._step(embeds, hidden, position, kv, ctx.length)
+            token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+            drafts.append(token)
+        return drafts
+
+    def _step(
+        self, embeds: np.ndarray, hidden: np.ndarray, position: np.ndarray, kv: dict[str, Any], length: int
+    ):
+        roles = self.roles
+        host = {
+            roles.embeds: embeds.astype(self.graph.dtype(roles.embeds)),
+            roles.hidden: hidden,
+            roles.position: position,
+        }
+        if roles.mask:
+            host[roles.mask] = np.ones((1, length), np.int64)
+        self.calls += 1
+        if self.runtime.device == "cpu":
+            out = dict(zip(self.graph.output_names, self.graph.run(host | kv), strict=True))
+        else:
+            out = dict(zip(self.graph.output_names, run_bound(self.graph, host, kv, set()), strict=True))
+        return out[roles.logits], out[roles.next_hidden]
+
+
+@dataclass(frozen=True)
+class DrafterRoles:
+    embeds: str  # the target's token embedding of the last token (1, 1, Hb)
+    hidden: str  # the previous hidden state (1, 1, Hb)
+    position: str  # position ids (1, 1)
+    kv: list[str]  # shared KV in (sliding key, sliding value, full key, full value) order
+    mask: str | None  # optional (1, S) key mask
+    logits: str
+    next_hidden: str
+
+
+def drafter_roles(inputs: Sequence[str], outputs: Sequence[str]) -> DrafterRoles:
+    """Match the drafter's declared I/O names to their roles, or say which one is missing."""
+
+    def pick(names: Sequence[str], *words: str, optional: bool = False) -> str | None:
+        found = [n for n in names if any(w in n.lower() for w in words)]
+        if not found and not optional:
+            raise ModelDirError(f"drafter graph: no input/output for {words[0]!r} among {list(names)}")
+        return found[0] if found else None
+
+    kv = [n for n in inputs if any(w in n.lower() for w in ("key", "value", "_k", "_v", "kv"))]
+    mask = pick(inputs, "mask", optional=True)
+    kv = [n for n in kv if n != mask]
+    if len(kv) != 4:
+        raise ModelDirError(f"drafter graph: expected 4 shared KV inputs, found {kv} among {list(inputs)}")
+    embeds = pick([n for n in inputs if n not in kv], "embed")
+    hidden = pick([n for n in inputs if n not in kv and n != embeds], "hidden")
+    logits = pick(outputs, "logits")
+    next_hidden = pick([n for n in outputs if n != logits], "hidden")
+    position = pick(inputs, "position")
+    return DrafterRoles(embeds, hidden, position, kv, mask, logits, next_hidden)  # type: ignore[arg-type]
+
+
+def _load_drafter(runtime: Runtime, settings: Settings) -> Drafter | None:
+    spec, name = runtime.config.drafter, runtime.config.graphs.drafter
+    assert spec is not None and name is not None
+    graph = Graph(runtime.model_dir / name, settings)
+    check_drafter(runtime.config, graph)
+    return Drafter(runtime, graph)
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelDirError(f"{path}: not a tokenizers tokenizer.json: {e}") from e
+
+
+# -- load-time checks: runtime.json against the graphs' real I/O ----------------------------------
+
+
+def check_graphs(config: RuntimeConfig, embed: Graph, audio: Graph, decoder: Graph) -> None:
+    problems = [*_check_embedders(config, embed, audio), *_check_decoder(config, decoder)]
+    if problems:
+        raise ModelDirError("runtime.json does not match the graphs: " + "; ".join(problems))
+
+
+def _check_embedders(config: RuntimeConfig, embed: Graph, audio: Graph) -> list[str]:
+    problems = _expect_names(embed, ["input_ids"], [])
+    problems += _expect_names(audio, ["audio_frames"], [])
+    if not problems:
+        problems += _expect_dim(audio, "audio_frames", -1, config.frame_samples, "frame_samples")
+        problems += _expect_dim(
+            embed, embed.output_names[0], -1, config.hidden_size, "hidden_size", output=True
+        )
+        problems += _expect_dim(
+            audio, audio.output_names[0], -1, config.hidden_size, "hidden_size", output=True
+        )
+    return problems
+
+
+def _check_decoder(config: RuntimeConfig, decoder: Graph) -> list[str]:
+    n = len(config.layers)
+    past = [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+    present = [name.replace("past_key_values", "present") for name in past]
+    problems = _expect_names(
+        decoder, ["inputs_embeds", "position_ids", *past], ["logits", "last_hidden_state", *present]
+    )
+    extra = sorted(k for k in decoder.inputs if k.startswith("past_key_values.") and k not in past)
+    if extra:
+        problems.append(f"{decoder.name} has {len(extra) // 2 + n} KV layers, runtime.json lists {n}")
+    if problems:
+        return problems
+    problems += _expect_dim(decoder, "inputs_embeds", -1, config.hidden_size, "hidden_size")
+    problems += _expect_dim(decoder, "logits", -1, config.vocab_size, "vocab_size", output=True)
+    for i, layer in enumerate(config.layers):
+        for kind in ("key", "value"):
+            name = f"past_key_values.{i}.{kind}"
+            problems += _expect_dim(decoder, name, 1, layer.kv_heads, f"layers[{i}].kv_heads")
+            problems += _expect_dim(decoder, name, 3, layer.head_dim, f"layers[{i}].head_dim")
+    return problems
+
+
+def check_drafter(config: RuntimeConfig, graph: Graph) -> None:
+    spec = config.drafter
+    assert spec is not None
+    problems = _expect_names(graph, spec.inputs, spec.outputs)
+    unlisted = sorted(set(graph.inputs) - set(spec.inputs))
+    if unlisted:
+        problems.append(f"{graph.name} takes inputs runtime.json does not list: {unlisted}")
+    bad = [i for i in spec.shared_layers if not 0 <= i < len(config.layers)]
+    if bad:
+        problems.append(
+            f"drafter.shared_layers {bad} out of range (the decoder has {len(config.layers)} KV layers)"
+        )
+    if not problems:
+        drafter_roles(spec.inputs, spec.outputs)
+    if problems:
+        raise ModelDirError("runtime.json does not match the drafter graph: " + "; ".join(problems))
+
+
+def _expect_names(graph: Graph, inputs: Sequence[str], outputs: Sequence[str]) -> list[str]:
+    problems = []
+    missing_in = [n for n in inputs if n not in graph.inputs and n not in graph.optional]
+    missing_out = [n for n in outputs if n not in graph.outputs]
+    if missing_in:
+        problems.append(f"{graph.name} lacks inputs {missing_in} (it has {list(graph.inputs)})")
+    if missing_out:
+        problems.append(f"{graph.name} lacks outputs {missing_out} (it has {graph.output_names})")
+    return problems
+
+
+def _expect_dim(graph: Graph, name: str, axis: int, want: int, what: str, output: bool = False) -> list[str]:
+    shape = (graph.outputs if output else graph.inputs)[name].shape
+    got = shape[axis] if shape and -len(shape) <= axis < len(shape) else None
+    if isinstance(got, int) and got != want:
+        return [f"{graph.name} {name} dim {axis} is {got}, runtime.json {what} says {want}"]
+    return []
