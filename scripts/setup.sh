@@ -9,7 +9,7 @@ mode=${1:-run}
 
 apt_packages=(redis-server)
 if [ "$mode" = dev ]; then
-  apt_packages+=(espeak-ng libespeak-ng1 flite sox ffmpeg chromium)
+  apt_packages+=(espeak-ng libespeak-ng1 flite sox ffmpeg chromium docker-compose)
 fi
 
 missing=()
