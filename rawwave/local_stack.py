@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -47,3 +49,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- a private redis-server (for `rawwave up`, the test suite and the benchmarks) -------------------
+
+
+def redis_server_command(
+    binary: str, port: int, data_dir: Path, appendonly: bool = True, appendfsync: str = "everysec"
+) -> list[str]:
+    """A loopback-only redis-server with the durability rawwave documents: AOF, noeviction."""
+    return [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+        "--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync,
+        "--maxmemory-policy", "noeviction", "--logfile", str(data_dir / "redis.log"),
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.025)
+    return False

@@ -19,10 +19,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rawwave.errors import RawwaveError
-from rawwave.local_stack import StackState, clear_stack_state, write_stack_state
+from rawwave.local_stack import (
+    StackState,
+    clear_stack_state,
+    free_port,
+    redis_server_command,
+    wait_for_port,
+    write_stack_state,
+)
 from rawwave.logs import get_logger
 from rawwave.settings import Settings
 
@@ -135,11 +141,12 @@ class Stack:
             )
         data_dir = self.settings.state_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
-        child = Child("redis", _redis_command(binary, port, data_dir), dict(os.environ))
+        port = free_port()
+        child = Child("redis", redis_server_command(binary, port, data_dir), dict(os.environ))
         self.children.append(child)
         child.start()
-        _wait_for_port(port)
+        if not wait_for_port(port):
+            raise RawwaveError(f"redis-server did not start on port {port}: see {data_dir / 'redis.log'}")
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_services(self, redis_url: str) -> None:
@@ -181,36 +188,11 @@ def _rawwave(command: str) -> list[str]:
     return [sys.executable, "-m", "rawwave.cli", command]
 
 
-def _redis_command(binary: str, port: int, data_dir: Path) -> list[str]:
-    return [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        "--maxmemory-policy", "noeviction", "--logfile", str(data_dir / "redis.log"),
-    ]  # fmt: skip
-
-
 def _has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RawwaveError(f"redis-server did not start on port {port}")
 
 
 def _die_with_parent() -> None:

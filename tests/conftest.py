@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,16 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from rawwave.local_stack import free_port, redis_server_command
 from rawwave.settings import Settings, load_settings
 from rawwave.streams import Streams
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -44,8 +38,7 @@ def start_redis(data_dir: Path, port: int | None = None, *extra: str) -> RedisSe
         pytest.fail("redis-server not found: apt-get install redis-server")
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
-    command += ["--appendonly", "no", *extra]
+    command = [*redis_server_command(binary, port, data_dir, appendonly=False), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port, socket_connect_timeout=0.2)
     for _ in range(200):

@@ -1,0 +1,1 @@
+"""Benchmarks: each writes bench/results/NAME.json (machine, versions, settings, raw samples)."""
