@@ -93,13 +93,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=1, help="--plan: concurrent sessions (KV caches)")
 
 
+def default_assistant(checkpoint: Path) -> Path | None:
+    """The drafter that travels with a checkpoint: `<checkpoint>/assistant` or `<checkpoint>-assistant`."""
+    for candidate in (checkpoint / "assistant", checkpoint.with_name(checkpoint.name + "-assistant")):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def run(args: argparse.Namespace, settings: Any) -> int:
     if args.plan:
         cfg = plan.load_config(args.plan)
         print(plan.render(plan.memory_plan(cfg, args.dtype, args.quant, args.context, args.sessions)))  # noqa: T201
         return 0
     checkpoint, out = args.checkpoint or settings.checkpoint, args.out or settings.model_dir
-    manifest = export_model(checkpoint, out, args.assistant, args.dtype, args.quant, args.force)
+    assistant = args.assistant or default_assistant(checkpoint)
+    manifest = export_model(checkpoint, out, assistant, args.dtype, args.quant, args.force)
     size = sum(f.bytes for f in manifest.files.values())
     print(f"{out}: {len(manifest.files)} files, {size / 1e6:.1f} MB, verified")  # noqa: T201
     return 0
