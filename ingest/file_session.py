@@ -37,20 +37,24 @@ class FileSession:
         self.audio = audio
         self.session = audio.session
         self._decoded = decoded
+        # set once the session's audio exists in Redis (or the pump is over): from then on its events
+        # can be followed (an events reader refuses a session with neither audio nor events)
+        self.started = asyncio.Event()
 
     async def pump(self, realtime: bool = False) -> None:
         """Write all audio, then the end marker (reason end, error, or shutdown when cancelled)."""
         with bind_session(self.session):
             try:
                 await self._write_all(realtime)
+                await self.audio.end("end")
             except BadAudioError as e:
                 log.warning("audio file went bad midway", error=str(e))
                 await self.audio.end("error", str(e))
-                return
             except asyncio.CancelledError:
                 await asyncio.shield(self.audio.end("shutdown", "ingest shut down while pushing the audio"))
                 raise
-            await self.audio.end("end")
+            finally:
+                self.started.set()
 
     async def _write_all(self, realtime: bool) -> None:
         # the generator closes the container itself when it ends or fails; a cancelled pump leaves
@@ -61,6 +65,8 @@ class FileSession:
         while pcm := await asyncio.to_thread(_take, blocks, batch):
             if not await self.audio.write(pcm):
                 raise AudioTooLongError(f"{self._decoded.name}: longer than a session may carry")
+            if self.audio.chunks:
+                self.started.set()
             if realtime:
                 await _pace(started, self.audio.seconds)
 

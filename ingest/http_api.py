@@ -46,6 +46,7 @@ async def create_session(request: web.Request) -> web.Response:
     except BadAudioError as e:
         raise HttpError(400, str(e), e.code) from e
     ingest.spawn_upload(upload.pump())
+    await upload.started.wait()  # the events URL we answer with must find the session at once
     location = f"/v1/sessions/{upload.session}/events"
     return web.json_response({"session": upload.session, "events": location}, status=201)
 

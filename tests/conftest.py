@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server the suite starts itself on a free port."""
+"""Shared fixtures: a real redis-server the suite starts itself on a free port, and a real exported
+model directory (tests/models.py) for every folder that runs the worker."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import redis
 from rawwave.local_stack import free_port, redis_server_command
 from rawwave.settings import Settings, load_settings
 from rawwave.streams import Streams
+from tests.models import REPO, export_test_model
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["REPO", "RedisServer", "free_port", "start_redis", "stop_redis"]
 
 
 @dataclass
@@ -85,3 +87,9 @@ async def streams(settings: Settings) -> AsyncIterator[Streams]:
     await client.ensure_groups()
     yield client
     await client.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """checkpoints/default exported (or the tiny random model); cached under tests/artifacts/."""
+    return export_test_model()

@@ -27,12 +27,8 @@ from rawwave import contract
 from rawwave.cli import COMMANDS
 from rawwave.settings import Settings
 
-try:  # the worker tests' exported model directory (the default checkpoint's, else a tiny one)
-    from tests.worker.conftest import model_dir  # noqa: F401
-
-    WORKER_MISSING = "" if Path(__file__).parents[1].joinpath("worker/main.py").exists() else "worker/main.py"
-except ImportError as e:
-    WORKER_MISSING = str(e)
+# the `model_dir` fixture (tests/conftest.py) exports the default checkpoint, else a tiny one
+WORKER_MISSING = "" if Path(__file__).parents[1].joinpath("worker/main.py").exists() else "worker/main.py"
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose.yaml"
@@ -288,7 +284,7 @@ def test_build_context_leaves_out_generated_and_private_files() -> None:
 def test_up_runs_three_workers_that_all_register(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if WORKER_MISSING:
         pytest.skip(f"`rawwave worker` is not there yet ({WORKER_MISSING}): nothing to scale")
-    model_dir = request.getfixturevalue("model_dir")  # the worker tests' exported model
+    model_dir = request.getfixturevalue("model_dir")  # the suite's exported model
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAWWAVE_")}
     env |= {"RAWWAVE_STATE_DIR": str(tmp_path / "state"), "RAWWAVE_MODEL_DIR": str(model_dir)}
     env |= {"RAWWAVE_ORT_INTRA_THREADS": "1", "RAWWAVE_LOG_FORMAT": "json"}  # 3 workers share 2 cores

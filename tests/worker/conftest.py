@@ -1,74 +1,33 @@
-"""Worker test fixtures: a real exported model directory and real ONNX Runtime sessions.
-
-The model is checkpoints/default (the trained default model) when it exists, else a tiny random
-gemma4_unified + MTP assistant built with export/tiny.py. The tiny target gets an untied LM head: a
-random tied head only copies its input token, an untied one writes varied, audio-dependent text.
-The directory lives under tests/artifacts/ (git-ignored) and the exporter skips an up-to-date export,
-so only the first run pays for it. (Tests may import export/ and torch; worker/ never does.)
-"""
+"""Worker test fixtures: real ONNX Runtime sessions on the suite's model directory (`model_dir`, in
+tests/conftest.py), and helpers that push a session's audio and collect its events through Redis."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from rawwave import contract
 from rawwave.settings import Settings, load_settings
 from rawwave.streams import Streams
-from tests.conftest import REPO
+from tests.models import (
+    SAMPLE_RATE,
+    export_tiny_model,
+    offline_events,
+    read_wav,
+    runtime_settings,
+    speech_like,
+    wav_bytes,
+)
 from worker.metrics import WorkerMetrics
 from worker.ownership import Worker
 from worker.runtime import Runtime
-from worker.session import StreamingOptions, StreamingSession
 
-ARTIFACTS = REPO / "tests" / "artifacts"
-DEFAULT_CHECKPOINT = REPO / "checkpoints" / "default"
-SAMPLE_RATE = contract.SAMPLE_RATE
-
-
-def _build_tiny_checkpoint(path: Path) -> tuple[Path, Path]:
-    import torch
-
-    from export.assistant import Assistant
-    from export.checkpoint import save_assistant, save_model
-    from export.model import Gemma4Unified, with_text
-    from export.tiny import tiny_assistant_config, tiny_config, write_tiny_tokenizer
-
-    torch.manual_seed(0)
-    model = Gemma4Unified(with_text(tiny_config(vision=False), tie_word_embeddings=False))
-    checkpoint, assistant_dir = path / "model", path / "assistant"
-    save_model(model, checkpoint)
-    write_tiny_tokenizer(checkpoint / "tokenizer.json")
-    save_assistant(Assistant(tiny_assistant_config(model.cfg)), assistant_dir)
-    return checkpoint, assistant_dir
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    from export.exporter import export_model
-
-    if (DEFAULT_CHECKPOINT / "config.json").is_file():
-        candidates = (DEFAULT_CHECKPOINT / "assistant", REPO / "checkpoints" / "default-assistant")
-        assistant = next((p for p in candidates if (p / "config.json").is_file()), None)
-        out = ARTIFACTS / "worker-default-model"
-        export_model(DEFAULT_CHECKPOINT, out, assistant)
-        return out
-    checkpoint, assistant = _build_tiny_checkpoint(ARTIFACTS / "worker-tiny-checkpoint")
-    out = ARTIFACTS / "worker-tiny-model"
-    export_model(checkpoint, out, assistant)
-    return out
-
-
-def runtime_settings(**overrides: object) -> Settings:
-    base = {"ort_intra_threads": 1, "ort_inter_threads": 1}
-    return Settings(**{**base, **overrides})  # type: ignore[arg-type]
+# re-exported: the worker tests import these from here
+__all__ = ["SAMPLE_RATE", "offline_events", "read_wav", "runtime_settings", "speech_like", "wav_bytes"]
 
 
 @pytest.fixture(scope="session")
@@ -76,51 +35,18 @@ def runtime(model_dir: Path) -> Runtime:
     return Runtime(model_dir, runtime_settings())
 
 
-# -- audio ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def drafter_model_dir(model_dir: Path) -> Path:
+    """A model directory with an MTP drafter: the suite's when it has one, else the tiny random model
+    (the default checkpoint may come without its assistant)."""
+    if (model_dir / "drafter.onnx").is_file():
+        return model_dir
+    return export_tiny_model()
 
 
-def speech_like(seconds: list[tuple[str, float]], seed: int = 0) -> np.ndarray:
-    """s16 audio from ("speech" | "silence", seconds) parts: loud shaped noise or digital silence."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    for kind, duration in seconds:
-        n = int(duration * SAMPLE_RATE)
-        if kind == "silence":
-            parts.append(np.zeros(n))
-        else:
-            t = np.arange(n) / SAMPLE_RATE
-            envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-            parts.append(rng.normal(size=n) * 4000 * envelope + 3000 * np.sin(2 * np.pi * 220 * t))
-    return np.clip(np.concatenate(parts), -32768, 32767).astype(np.int16)
-
-
-def wav_bytes(pcm: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm.tobytes())
-    return buffer.getvalue()
-
-
-def read_wav(data: bytes) -> bytes:
-    with wave.open(io.BytesIO(data)) as w:
-        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (SAMPLE_RATE, 1, 2)
-        return w.readframes(w.getnframes())
-
-
-def offline_events(
-    runtime: Runtime, options: StreamingOptions, session: str, pcm: bytes, respond: bool = False
-):
-    """The whole audio through one fresh session at once: the reference a stream must reproduce."""
-    s = StreamingSession(runtime, options, session, respond)
-    s.feed(pcm)
-    s.end()
-    events = []
-    while batch := s.step():
-        events += batch
-    return events
+@pytest.fixture(scope="session")
+def drafter_runtime(runtime: Runtime, model_dir: Path, drafter_model_dir: Path) -> Runtime:
+    return runtime if drafter_model_dir == model_dir else Runtime(drafter_model_dir, runtime_settings())
 
 
 def chunks(pcm: bytes, size: int) -> list[bytes]:

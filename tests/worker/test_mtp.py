@@ -19,7 +19,8 @@ def audio_context(runtime: Runtime, seed: int, frames: int) -> Context:
     return Context(cache, prefix.length + frames, logits[-1], hidden[-1])
 
 
-def test_mtp_on_and_off_give_identical_tokens(runtime: Runtime) -> None:
+def test_mtp_on_and_off_give_identical_tokens(drafter_runtime: Runtime) -> None:
+    runtime = drafter_runtime
     suffix = runtime.encode(runtime.config.prompt.audio_suffix)
     stop = StopRule(frozenset(runtime.config.tokens.eos))
     plain, fast = DecodeStats(), DecodeStats()

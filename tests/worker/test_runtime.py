@@ -23,9 +23,9 @@ def edited_copy(model_dir: Path, tmp_path: Path, edit) -> Path:
     return out
 
 
-def test_loads_and_checks(runtime: Runtime) -> None:
-    assert runtime.num_layers == len(runtime.config.layers)
-    assert runtime.drafter is not None
+def test_loads_and_checks(drafter_runtime: Runtime) -> None:
+    assert drafter_runtime.num_layers == len(drafter_runtime.config.layers)
+    assert drafter_runtime.drafter is not None
 
 
 def test_refuses_a_wrong_hidden_size(model_dir: Path, tmp_path: Path) -> None:
@@ -46,8 +46,8 @@ def test_refuses_wrong_kv_heads(model_dir: Path, tmp_path: Path) -> None:
         Runtime(bad, runtime_settings())
 
 
-def test_refuses_a_drafter_spec_that_does_not_match(model_dir: Path, tmp_path: Path) -> None:
-    bad = edited_copy(model_dir, tmp_path, lambda c: c["drafter"].update(inputs=["nope"]))
+def test_refuses_a_drafter_spec_that_does_not_match(drafter_model_dir: Path, tmp_path: Path) -> None:
+    bad = edited_copy(drafter_model_dir, tmp_path, lambda c: c["drafter"].update(inputs=["nope"]))
     with pytest.raises(ModelDirError, match="drafter"):
         Runtime(bad, runtime_settings())
 
