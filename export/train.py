@@ -1,0 +1,438 @@
+"""Training our small gemma4_unified speech model on the synthesized corpus (CPU, resumable).
+
+What one example is: the branch-format prompt (export/tokenizer.py) around the utterance's raw frames,
+trained to emit "{transcript}<turn|>" or, when asked to respond, "{transcript}\\n{response}<turn|>".
+Levers from /work/shared/MODEL-NOTES.md: a training-only CTC head on the audio positions (never saved
+into the HF checkpoint), a short-utterance curriculum, audio prefixes cut at random points whose target
+is the words completed by the cut, AdamW with warmup and a cosine schedule, both cores.
+Knows the model only through export/model.py's API and saves through export/checkpoint.py.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export import augment, tokenizer
+from export.dataset import Corpus, stamped
+from export.model import FULL, SLIDING, AudioConfig, Config, Gemma4Unified, TextConfig, count_parameters
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    # where
+    data: str = "data/corpus"  # export.dataset output
+    run: str = "runs/default"  # checkpoints, tokenizer.json, metrics.jsonl
+    seed: int = 0
+    # model (gemma4_unified, no vision)
+    hidden: int = 256
+    layers: int = 4  # all sliding but the last (full)
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    intermediate: int = 768
+    sliding_window: int = 1024  # > 30 s of 40 ms frames plus the text
+    frame: int = 640  # samples per audio soft token (audio_embed_dim); 640 = 40 ms
+    # optimization
+    batch: int = 48
+    lr: float = 2.5e-3
+    warmup: int = 300
+    steps: int = 30_000  # cosine horizon; stop any time, resume continues
+    weight_decay: float = 0.01
+    ctc_weight: float = 0.4
+    threads: int = 2
+    # data mix
+    prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
+    respond_prob: float = 0.5  # ask for a response after the transcript
+    augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
+    curriculum_steps: int = 3000  # max utterance length grows from 2.5 s to max_seconds over these
+    max_seconds: float = 12.0
+    # bookkeeping
+    log_every: int = 25
+    eval_every: int = 500
+    eval_loss_count: int = 120  # held-out utterances per split for the teacher-forced loss
+    eval_cer_count: int = 24  # greedy-decoded held-out utterances per split
+    checkpoint_seconds: float = 300.0
+
+
+def model_config(s: TrainSettings, vocab_size: int) -> Config:
+    ids = {
+        k: v
+        for k, v in tokenizer.config_token_ids().items()
+        if k not in ("pad_token_id", "eos_token_id", "bos_token_id")
+    }
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        head_dim=s.head_dim,
+        global_head_dim=s.head_dim,
+        num_global_key_value_heads=s.kv_heads,
+        layer_types=tuple([SLIDING] * (s.layers - 1) + [FULL]),
+        sliding_window=s.sliding_window,
+        final_logit_softcapping=30.0,
+        pad_token_id=tokenizer.PAD,
+        max_position_embeddings=8192,
+    )
+    return Config(text=text, vision=None, audio=AudioConfig(audio_embed_dim=s.frame), **ids)
+
+
+def build_model(s: TrainSettings, vocab_size: int) -> tuple[Gemma4Unified, nn.Linear]:
+    """The model (embedding initialised so logits start near unit scale) and the training-only CTC head."""
+    torch.manual_seed(s.seed)
+    model = Gemma4Unified(model_config(s, vocab_size))
+    nn.init.normal_(model.language_model.embed_tokens.weight, std=s.hidden**-0.5)
+    return model, nn.Linear(s.hidden, vocab_size)
+
+
+# ---- examples and batches ------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    frames: np.ndarray  # (N, frame) float32
+    prompt: tokenizer.Prompt
+    ctc: list[int]  # transcript token ids (possibly empty)
+
+
+def completed_words(words: list, seconds: float) -> str:
+    return " ".join(w for w, _, end in words if end <= seconds)
+
+
+def make_example(
+    audio: np.ndarray, rec: dict, tok, s: TrainSettings, rng: random.Random, train: bool
+) -> Example:
+    scale = 1.0
+    if train and rng.random() < s.augment_prob:
+        audio, scale = augment.augment(audio, np.random.default_rng(rng.getrandbits(32)))
+    n = max(1, math.ceil(len(audio) / s.frame))
+    transcript, response = rec["text"], rec["response"]
+    instruction = (
+        tokenizer.INSTRUCT_RESPOND if rng.random() < s.respond_prob else tokenizer.INSTRUCT_TRANSCRIBE
+    )
+    if train and rng.random() < s.prefix_prob:
+        n = rng.randint(1, n)
+        transcript = completed_words(
+            [(w, a * scale, b * scale) for w, a, b in rec["words"]], n * s.frame / 16000
+        )
+        instruction = tokenizer.INSTRUCT_TRANSCRIBE
+    frames = np.zeros(n * s.frame, np.float32)
+    frames[: min(len(audio), n * s.frame)] = audio[: n * s.frame]
+    with_response = response if instruction == tokenizer.INSTRUCT_RESPOND else None
+    prompt = tokenizer.prompt(tok, n, instruction, tokenizer.model_turn(transcript, with_response))
+    return Example(frames.reshape(n, s.frame), prompt, tok.encode(transcript).ids if transcript else [])
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) long, PAD-padded on the right
+    mask: torch.Tensor  # (B, T) 1 = real token
+    labels: torch.Tensor  # (B, T) next-token targets, IGNORE outside the model turn
+    frames: torch.Tensor  # (sum N, frame) every example's frames, in order
+    audio_index: torch.Tensor  # (B, N_max) position of each audio frame in ids, 0 where padded
+    audio_lengths: torch.Tensor  # (B,)
+    ctc_targets: torch.Tensor  # (sum L,)
+    ctc_lengths: torch.Tensor  # (B,)
+
+
+def collate(examples: list[Example]) -> Batch:
+    B, T = len(examples), max(len(e.prompt.ids) for e in examples)
+    n_max = max(e.prompt.n_audio for e in examples)
+    ids, mask = torch.full((B, T), tokenizer.PAD), torch.zeros(B, T, dtype=torch.long)
+    labels, audio_index = torch.full((B, T), IGNORE), torch.zeros(B, n_max, dtype=torch.long)
+    for b, e in enumerate(examples):
+        p = e.prompt
+        ids[b, : len(p.ids)], mask[b, : len(p.ids)] = torch.tensor(p.ids), 1
+        labels[b, p.target_start - 1 : len(p.ids) - 1] = torch.tensor(p.ids[p.target_start :])
+        audio_index[b, : p.n_audio] = torch.arange(p.audio_start, p.audio_start + p.n_audio)
+    return Batch(
+        ids,
+        mask,
+        labels,
+        torch.from_numpy(np.concatenate([e.frames for e in examples])),
+        audio_index,
+        torch.tensor([e.prompt.n_audio for e in examples]),
+        torch.tensor([t for e in examples for t in e.ctc], dtype=torch.long),
+        torch.tensor([len(e.ctc) for e in examples]),
+    )
+
+
+class Sampler:
+    """Draws training batches: seeded per step, short utterances first (the curriculum)."""
+
+    def __init__(self, data: Corpus, tok, s: TrainSettings):
+        self.data, self.tok, self.s = data, tok, s
+        self.seconds = np.array([r["samples"] / 16000 for r in data.records])
+
+    def refresh(self) -> None:
+        if self.data.refresh():
+            self.seconds = np.array([r["samples"] / 16000 for r in self.data.records])
+
+    def max_seconds(self, step: int) -> float:
+        s = self.s
+        return min(s.max_seconds, 2.5 + (s.max_seconds - 2.5) * step / max(1, s.curriculum_steps))
+
+    def batch(self, step: int) -> Batch:
+        rng = random.Random(f"{self.s.seed}-batch-{step}")
+        eligible = np.nonzero(self.seconds <= self.max_seconds(step))[0]
+        picks = [int(eligible[rng.randrange(len(eligible))]) for _ in range(self.s.batch)]
+        return collate([make_example(*self.data[i], self.tok, self.s, rng, train=True) for i in picks])
+
+
+# ---- the loss ------------------------------------------------------------------------------------------
+
+
+def forward(
+    model: Gemma4Unified, ctc_head: nn.Linear, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (next-token loss, CTC loss, hidden)."""
+    audio = embed_audio_frames(model, batch.frames)  # (sum N, H)
+    embeds = model.embed_inputs(batch.ids, audio_features=audio)  # (B, T, H)
+    positions = torch.arange(batch.ids.shape[1]).expand_as(batch.ids)
+    _, hidden, _ = model.decode(embeds, positions, [], attention_mask=batch.mask, num_logits_to_keep=1)
+    rows = batch.labels != IGNORE
+    ce = F.cross_entropy(model.logits(hidden[rows]).float(), batch.labels[rows])
+    return ce, ctc_loss(ctc_head, hidden, batch), hidden
+
+
+def embed_audio_frames(model: Gemma4Unified, frames: torch.Tensor) -> torch.Tensor:
+    """The audio embedder's own weights as one GEMM over all frames (N, F) -> (N, H). model.embed_audio
+    multiplies frame by frame (bit-identical chunked streaming), whose backward expands the weight per
+    frame: ~20% of a training step. Same math; only the summation order differs."""
+    embedder = model.embed_audio
+    return embedder.embedding_projection(embedder.embedding_pre_projection_norm(frames))
+
+
+def ctc_loss(head: nn.Linear, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    idx = batch.audio_index[..., None].expand(-1, -1, hidden.shape[-1])  # (B, N, H)
+    logp = head(torch.gather(hidden, 1, idx)).float().log_softmax(-1)  # (B, N, V)
+    return F.ctc_loss(logp.transpose(0, 1), batch.ctc_targets, batch.audio_lengths, batch.ctc_lengths,
+                      blank=tokenizer.PAD, zero_infinity=True)  # fmt: skip
+
+
+def learning_rate(s: TrainSettings, step: int) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_tokens: int = 80) -> str:
+    """Decode the model turn for one utterance's frames (N, frame) with the KV cache."""
+    p = tokenizer.prompt(tok, len(frames), instruction, None)
+    ids = torch.tensor([p.ids])
+    embeds = model.embed_inputs(ids, audio_features=model.embed_audio(torch.from_numpy(frames)[None])[0])
+    logits, _, past = model.decode(embeds, torch.arange(len(p.ids))[None], [], num_logits_to_keep=1)
+    out = []
+    for t in range(max_tokens):
+        token = int(logits[0, -1].argmax())
+        if token in (tokenizer.TURN_END, tokenizer.EOS):
+            break
+        out.append(token)
+        pos = torch.tensor([[len(p.ids) + t]])
+        logits, _, past = model.decode(
+            model.embed_tokens(torch.tensor([[token]])), pos, past, num_logits_to_keep=1
+        )
+    return tok.decode(out)
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def cer(hyp: str, ref: str) -> float:
+    return edit_distance(hyp, ref) / max(1, len(ref))
+
+
+def frames_of(audio: np.ndarray, frame: int) -> np.ndarray:
+    n = max(1, math.ceil(len(audio) / frame))
+    return np.pad(audio, (0, n * frame - len(audio))).reshape(n, frame)
+
+
+@torch.no_grad()
+def evaluate(model, ctc_head, tok, data: Corpus, s: TrainSettings) -> dict:
+    """Teacher-forced loss over the whole split (clean audio, respond prompt) and greedy CER on a few."""
+    model.eval()
+    rng = random.Random(0)
+    held = s.__class__(**{**asdict(s), "respond_prob": 1.0})
+    ces, count = [], min(len(data), s.eval_loss_count)
+    for start in range(0, count, 32):
+        examples = [
+            make_example(*data[i], tok, held, rng, train=False) for i in range(start, min(count, start + 32))
+        ]
+        ces.append(forward(model, ctc_head, collate(examples))[0].item() * len(examples))
+    errors = []
+    for i in range(min(s.eval_cer_count, len(data))):
+        audio, rec = data[i]
+        hyp = tokenizer.split_turn(
+            greedy(model, tok, frames_of(audio, s.frame), tokenizer.INSTRUCT_TRANSCRIBE)
+        )[0]
+        errors.append((edit_distance(hyp, rec["text"]), len(rec["text"])))
+    model.train()
+    return {"loss": sum(ces) / count, "cer": sum(e for e, _ in errors) / max(1, sum(n for _, n in errors))}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
+    """Restore the latest state.pt of a run, if any; returns its bookkeeping (step, best)."""
+    path = run / "state.pt"
+    if not path.exists():
+        return {"step": 0, "best": float("inf")}
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    ctc_head.load_state_dict(state["ctc_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    return {"step": state["step"], "best": state["best"]}
+
+
+def run_tokenizer(run: Path) -> object:
+    """The run's vocabulary: trained once on first start, then always reloaded (ids must not move)."""
+    path = run / "tokenizer.json"
+    if not path.exists():
+        tokenizer.save(tokenizer.build(), path)
+    return tokenizer.load(path)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, s: TrainSettings, log=print):
+        self.s, self.log, self.run = s, log, Path(s.run)
+        self.run.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(s.threads)
+        self.tok = run_tokenizer(self.run)
+        self.model, self.ctc_head = build_model(s, self.tok.get_vocab_size())
+        params = list(self.model.parameters()) + list(self.ctc_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
+        self.state = load_state(self.run, s, self.model, self.ctc_head, self.optimizer)
+        self.train_data = Sampler(Corpus(s.data, "train"), self.tok, s)
+        self.evals = {split: Corpus(s.data, split) for split in ("eval-seen", "eval-heldout")}
+        (self.run / "settings.json").write_text(json.dumps(asdict(s), indent=1))
+
+    def step(self, step: int) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.s, step)
+        t0 = time.time()
+        batch = self.train_data.batch(step)
+        t1 = time.time()
+        ce, ctc, _ = forward(self.model, self.ctc_head, batch)
+        loss = ce + self.s.ctc_weight * ctc
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return {"ce": ce.item(), "ctc": ctc.item(), "data_s": t1 - t0, "step_s": time.time() - t1}
+
+    def evaluate(self, step: int) -> dict:
+        out = {"step": step}
+        for split, data in self.evals.items():
+            for k, v in evaluate(self.model, self.ctc_head, self.tok, data, self.s).items():
+                out[f"{split}/{k}"] = round(v, 4)
+        return out
+
+    def checkpoint(self, step: int) -> None:
+        save_state(self.run / "state.pt", **self.weights(), optimizer=self.optimizer.state_dict(), step=step,
+                   best=self.state["best"], settings=asdict(self.s))  # fmt: skip
+
+    def weights(self) -> dict:
+        return {"model": self.model.state_dict(), "ctc_head": self.ctc_head.state_dict()}
+
+    def keep_best(self, metrics: dict, step: int) -> None:
+        loss = metrics.get("eval-seen/loss", float("inf"))
+        if loss < self.state["best"]:
+            self.state["best"] = loss
+            save_state(
+                self.run / "best.pt", **self.weights(), step=step, metrics=metrics, settings=asdict(self.s)
+            )
+
+    def train(self, until: int) -> int:
+        s, step = self.s, self.state["step"]
+        params, utts = count_parameters(self.model) / 1e6, len(self.train_data.data)
+        self.log(f"train: {params:.2f}M params, {utts} utterances, from step {step}")
+        last_save, window = time.time(), []
+        while step < until:
+            window.append(self.step(step))
+            step += 1
+            if step % s.log_every == 0:
+                self.log_window(step, window)
+                window = []
+                self.train_data.refresh()
+            if step % s.eval_every == 0 or step == until:
+                metrics = self.evaluate(step)
+                self.keep_best(metrics, step)
+                self.log("eval " + json.dumps(metrics))
+                self.append_metrics({"eval": metrics})
+            if time.time() - last_save > s.checkpoint_seconds or step == until:
+                self.checkpoint(step)
+                last_save = time.time()
+        return step
+
+    def log_window(self, step: int, window: list[dict]) -> None:
+        mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        rate = self.s.batch / (mean["data_s"] + mean["step_s"])
+        line = {"step": step, "lr": round(learning_rate(self.s, step), 6), "utt_per_s": round(rate, 1)}
+        line.update({k: round(v, 4) for k, v in mean.items()})
+        line["max_seconds"] = round(self.train_data.max_seconds(step), 1)
+        self.log("step " + json.dumps(line))
+        self.append_metrics({"train": line})
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(f.default), default=f.default)
+    parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
+
+
+def run(args: argparse.Namespace, settings=None) -> int:
+    """`rawwave train`: train (or resume) a run. settings: the CLI's, unused here."""
+    s = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+    trainer = Trainer(s, log=stamped)
+    trainer.train(args.until or s.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m export.train", description=__doc__.split("\n")[0])
+    add_arguments(cli)
+    sys.exit(run(cli.parse_args()))

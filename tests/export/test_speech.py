@@ -1,0 +1,67 @@
+"""Synthesis with word timings (real espeak-ng and flite) and the augmentation that follows it."""
+
+import numpy as np
+import pytest
+
+from export import augment, speech
+from export.speech import Voice
+
+TEXT = "what is seventeen plus twenty five and the time of the day"
+
+
+def check_timings(s: speech.Speech, text: str) -> None:
+    duration = len(s.audio) / speech.SAMPLE_RATE
+    assert [w.text for w in s.words] == text.split()
+    assert all(w.start < w.end for w in s.words)
+    assert all(a.end <= b.start + 1e-6 for a, b in zip(s.words, s.words[1:], strict=False))
+    assert s.words[-1].end <= duration + 1e-6
+    assert 0.02 < np.sqrt(np.mean(s.audio**2)) < 0.5
+
+
+@pytest.mark.parametrize("voice", [Voice("espeak", "en-us+m3", 175, 50), Voice("espeak", "en+f2", 230, 70)])
+def test_espeak_word_timings(voice):
+    s = speech.synthesize(TEXT, voice)
+    check_timings(s, TEXT)
+    assert 1.5 < len(s.audio) / speech.SAMPLE_RATE < 6
+
+
+def test_espeak_merged_function_words_split_their_event():
+    events = [(0, 0), (8, 8000)]  # one event for "of the", one for "day"
+    audio = np.ones(16000, np.float32) * 0.1
+    words = speech.espeak_word_timings("of the day", events, audio)
+    assert [w.text for w in words] == ["of", "the", "day"]
+    assert words[0].start == 0 and words[1].end == pytest.approx(0.5)
+
+
+def test_flite_word_timings_and_contractions():
+    text = "what's twenty five you'd think"
+    s = speech.synthesize(text, Voice("flite", "kal16", 1.0, 0))
+    check_timings(s, text)
+
+
+def test_slower_voice_is_longer():
+    fast = speech.synthesize(TEXT, Voice("espeak", "en-us", 240, 50))
+    slow = speech.synthesize(TEXT, Voice("espeak", "en-us", 130, 50))
+    assert len(slow.audio) > 1.4 * len(fast.audio)
+
+
+def test_held_out_voices_never_sampled_for_training():
+    rng = __import__("random").Random(0)
+    names = {speech.sample_voice(rng).name for _ in range(500)}
+    assert not names & set(speech.HELD_OUT_VOICES)
+
+
+def test_opus_round_trip_keeps_length_and_alignment():
+    s = speech.synthesize(TEXT, Voice("espeak", "en-us", 175, 50))
+    out = augment.opus_round_trip(s.audio, 24_000)
+    assert len(out) == len(s.audio)
+    assert np.corrcoef(out, s.audio)[0, 1] > 0.8
+
+
+def test_augment_scale_matches_speed():
+    audio = speech.synthesize("one two three", Voice("espeak", "en-us", 175, 50)).audio
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        out, scale = augment.augment(audio, rng)
+        assert abs(len(out) - len(audio) * scale) <= 2
+        assert np.abs(out).max() <= 1.0
