@@ -212,7 +212,10 @@ def _audio_stream(container: Any, name: str) -> Any:
     if not container.streams.audio:
         raise NotAudioError(f"{name}: the file has no audio stream")
     stream = container.streams.audio[0]
-    rate, channels = stream.rate or 0, stream.channels or 0
+    try:
+        rate, channels = stream.rate or 0, stream.channels or 0
+    except AttributeError as e:  # PyAV leaves a stream of an unknown codec without a codec context
+        raise NotAudioError(f"{name}: the audio stream's codec is unknown") from e
     if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
         raise AudioHeaderError(f"{name}: sample rate {rate} Hz is outside {MIN_INPUT_RATE}..{MAX_INPUT_RATE}")
     if not 1 <= channels <= MAX_INPUT_CHANNELS:

@@ -2,8 +2,8 @@
 
 Routes live here; their handlers live in `whip.py` and `http_api.py`. One error boundary: expected
 refusals (`HttpError`) become JSON bodies, anything else is logged and answered with a JSON 500.
-On SIGTERM readiness turns false, new sessions are refused, live ones get their end marker
-(reason "shutdown"), then the server stops.
+On SIGTERM readiness turns false, new sessions are refused, live peers get their end marker
+(reason "shutdown"), accepted uploads finish pushing (within drain_timeout_s), then the server stops.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("ingest stopping")
     await app[INGEST_KEY].drain()
-    await runner.cleanup()
+    await runner.cleanup()  # waits for in-flight requests: an upload accepted now still gets pushed
+    await app[INGEST_KEY].finish_uploads()
 
 
 def build_app(settings: Settings, streams: Streams | None = None) -> web.Application:

@@ -85,16 +85,25 @@ class Ingest:
         task.add_done_callback(self.uploads.discard)
 
     async def drain(self) -> None:
-        """SIGTERM: refuse new sessions, end every live one with reason "shutdown"; idempotent."""
+        """SIGTERM: refuse new sessions, end every live peer with reason "shutdown", let accepted
+        uploads finish pushing (their audio is already here) within drain_timeout_s; idempotent."""
         if self.draining:
             return
         self.draining = True
         peers, uploads = self.peers.count(), len(self.uploads)
         await self.peers.close_all("shutdown", "ingest shut down")
+        await self.finish_uploads()
+        log.info("ingest drained", peers=peers, uploads=uploads)
+
+    async def finish_uploads(self) -> None:
+        """Wait for the upload pumps (also ones a request accepted while we drained); past
+        drain_timeout_s the rest are cancelled and their audio ends with reason "shutdown"."""
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        while self.uploads and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self.uploads), timeout=left)
         for task in list(self.uploads):
             task.cancel()
         await asyncio.gather(*self.uploads, return_exceptions=True)
-        log.info("ingest drained", peers=peers, uploads=uploads)
 
     async def ready(self) -> bool:
         if self.draining:

@@ -96,7 +96,12 @@ async def _negotiate(ingest: Ingest, peer: Peer, offer: str, after_seq: int) -> 
     try:
         answer = await peer.negotiate(offer, after_seq)
     except Exception as e:  # aiortc raises many types on a bad offer; none of them is our 500
-        await peer.close("error", "negotiation failed", end_audio=False)
+        try:
+            await peer.close("error", "negotiation failed", end_audio=False)
+        except Exception as close_error:  # a half-built aiortc peer can fail to close, too
+            log.info(
+                "refused peer did not close cleanly", error=f"{type(close_error).__name__}: {close_error}"
+            )
         log.info("offer refused", error=f"{type(e).__name__}: {e}")
         raise HttpError(400, f"cannot negotiate this offer: {e or type(e).__name__}", "bad_sdp") from e
     ingest.peers.add(peer)

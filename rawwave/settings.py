@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(
         30.0, gt=0, description="Socket timeout; always longer than the longest blocking read."
     )
+    redis_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long an idempotent Redis call retries (jittered backoff, 50 ms to 2 s) before "
+        "it fails; a worker's claim loop retries for ever.",
+    )
     announce_partitions: int = Field(
         1, ge=1, le=1024, description="Session announce streams (spread over Cluster slots)."
     )
@@ -79,7 +85,12 @@ class Settings(BaseSettings):
         15000, ge=1000, description="A session idle this long is reclaimed from its (dead) owner."
     )
     max_deliveries: int = Field(3, ge=1, description="Deliveries before a session is dead-lettered.")
-    drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: time to finish live sessions.")
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="SIGTERM: time a worker has to finish live sessions, and ingest to finish pushing "
+        "accepted uploads.",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Worker health + Prometheus port (0 = off).")
     inference_threads: int = Field(
         2, ge=1, description="Sessions computing at once in a worker (threads running ONNX Runtime)."

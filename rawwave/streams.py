@@ -4,18 +4,26 @@ One `Streams` per process wraps one shared connection pool. It moves `rawwave.co
 and owns the consumer-group mechanics: reading an announce entry makes a worker the owner of that
 session; the entry stays pending (and so reclaimable) until the session is finished or
 dead-lettered.
+
+Redis going away is expected (restart, failover, a network cut): idempotent calls (explicit-id
+writes, reads, acks) retry with jittered exponential backoff for up to `redis_retry_s`, and the
+process logs one line when Redis becomes unreachable and one when it is back (`RedisLink`), never
+one per failed call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rawwave import contract
 from rawwave.contract import AudioEntry, ContractError, Event, SessionAnnounce
@@ -26,6 +34,10 @@ from rawwave.settings import Settings
 log = get_logger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)  # incl. LOADING
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0  # a recovered Redis is noticed within this (plus jitter)
+FLAP_S = 5.0  # a failure this soon after recovering (a stale pooled connection) continues the outage
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -49,6 +61,48 @@ def connect_redis(settings: Settings, url: str | None = None) -> Any:
     return aioredis.Redis.from_url(url, **options)
 
 
+class RedisLink:
+    """Whether Redis answers, as this process last saw it: logs only when that changes."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.up_since = -FLAP_S
+        self.failures = 0  # failed calls during the current outage
+        self.outages = 0  # outages seen so far (a caller can tell "something happened since")
+        self._quiet = False  # this outage continues one already logged
+
+    def failed(self, error: BaseException) -> None:
+        self.failures += 1
+        if self.down_since is None:
+            self.down_since, self.outages = time.monotonic(), self.outages + 1
+            self._quiet = self.down_since - self.up_since < FLAP_S
+            if not self._quiet:
+                log.warning(
+                    "redis unreachable: retrying with backoff", error=f"{type(error).__name__}: {error}"
+                )
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            down_s = round(time.monotonic() - self.down_since, 2)
+            if not self._quiet:
+                log.info("redis reachable again", down_s=down_s, failed_calls=self.failures)
+            self.down_since, self.failures, self.up_since = None, 0, time.monotonic()
+
+
+class Backoff:
+    """Jittered exponential delays for one retrying caller: 50 ms doubling to 2 s, each 50-100%."""
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_FIRST_S
+
+    def next_s(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_MAX_S)
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.delay = BACKOFF_FIRST_S
+
+
 @dataclass(frozen=True)
 class Claim:
     """A session this consumer owns: its announce entry is pending under our name."""
@@ -70,6 +124,7 @@ class Streams:
         self.settings = settings
         self._partitions = settings.announce_partitions
         self._next_partition = 0
+        self.link = RedisLink()
 
     @classmethod
     def connect(cls, settings: Settings, url: str | None = None) -> Streams:
@@ -85,13 +140,13 @@ class Streams:
 
     async def announce(self, message: SessionAnnounce) -> None:
         key = contract.announce_key(contract.partition_of(message.session, self._partitions))
-        await self.redis.xadd(key, contract.encode_announce(message))
+        await self.retrying(lambda: self.redis.xadd(key, contract.encode_announce(message)))
 
     async def store_image(self, session: str, image: bytes) -> None:
-        await self.redis.set(contract.image_key(session), image, ex=self._live_ttl_s())
+        await self.retrying(lambda: self.redis.set(contract.image_key(session), image, ex=self._live_ttl_s()))
 
     async def load_image(self, session: str) -> bytes | None:
-        value: bytes | None = await self.redis.get(contract.image_key(session))
+        value: bytes | None = await self.retrying(lambda: self.redis.get(contract.image_key(session)))
         return value
 
     async def append_audio(self, session: str, entry: AudioEntry) -> bool:
@@ -106,7 +161,7 @@ class Streams:
         return [contract.decode_audio(fields) for _, fields in rows]
 
     async def audio_exists(self, session: str) -> bool:
-        return bool(await self.redis.exists(contract.audio_key(session)))
+        return bool(await self.retrying(lambda: self.redis.exists(contract.audio_key(session))))
 
     async def publish(self, event: Event) -> bool:
         """Publish an event; False when an event with that seq was already published (by anyone)."""
@@ -121,15 +176,19 @@ class Streams:
         return [contract.decode_event(fields) for _, fields in rows]
 
     async def last_event_seq(self, session: str) -> int:
-        rows = await self.redis.xrevrange(contract.events_key(session), count=1)
+        rows = await self.retrying(lambda: self.redis.xrevrange(contract.events_key(session), count=1))
         return contract.seq_of(rows[0][0]) if rows else 0
 
     async def expire_session(self, session: str, ttl_s: int | None = None) -> None:
         ttl = ttl_s if ttl_s is not None else self.settings.session_ttl_s
-        pipe = self.redis.pipeline(transaction=False)
-        for key in contract.session_keys(session):
-            pipe.expire(key, ttl)
-        await pipe.execute()
+
+        def expire_all() -> Any:  # a pipeline empties itself when it runs: build one per attempt
+            pipe = self.redis.pipeline(transaction=False)
+            for key in contract.session_keys(session):
+                pipe.expire(key, ttl)
+            return pipe.execute()
+
+        await self.retrying(expire_all)
 
     # -- ownership through the workers' group ------------------------------------------------------
 
@@ -197,9 +256,16 @@ class Streams:
     async def still_owner(self, consumer: str, claim: Claim) -> bool:
         return await self._owner(contract.announce_key(claim.partition), claim.entry_id) == consumer
 
+    async def announce_exists(self, claim: Claim) -> bool:
+        """False when the session's announce entry is gone: Redis lost its data (FLUSHALL, a restart
+        without persistence), as opposed to another worker having taken the session over."""
+        key, entry_id = contract.announce_key(claim.partition), claim.entry_id
+        return bool(await self.retrying(lambda: self.redis.xrange(key, entry_id, entry_id, count=1)))
+
     async def finish(self, claim: Claim) -> None:
         """The session is over: ack its announce entry and let its keys expire."""
-        await self.redis.xack(contract.announce_key(claim.partition), contract.WORKERS_GROUP, claim.entry_id)
+        key = contract.announce_key(claim.partition)
+        await self.retrying(lambda: self.redis.xack(key, contract.WORKERS_GROUP, claim.entry_id))
         await self.expire_session(claim.session)
 
     async def dead_letter(self, claim: Claim, reason: str, worker: str) -> None:
@@ -266,6 +332,23 @@ class Streams:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    async def retrying(self, call: Any) -> Any:
+        """Run an idempotent Redis call, retrying transient failures with jittered backoff for up to
+        `redis_retry_s`; a duplicate write is refused by its explicit id, so a retry is harmless."""
+        backoff, deadline = Backoff(), time.monotonic() + self.settings.redis_retry_s
+        while True:
+            try:
+                result = await call()
+            except TRANSIENT_ERRORS as e:
+                self.link.failed(e)
+                delay = backoff.next_s()
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            self.link.ok()
+            return result
+
     def _claim(self, partition: int, entry_id: bytes, fields: contract.Fields, deliveries: int) -> Claim:
         try:
             return Claim(partition, entry_id, deliveries, contract.decode_announce(fields))
@@ -273,11 +356,12 @@ class Streams:
             return Claim(partition, entry_id, deliveries, None, error=str(e))
 
     async def _with_group(self, call: Any) -> Any:
-        """Run a group command; if Redis lost the group (NOGROUP), re-create it and try once more."""
+        """Run a group command; if Redis lost the group (NOGROUP, or UNBLOCKED: the stream was deleted
+        under a blocked read), re-create it and try once more."""
         try:
             return await call()
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
+            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
             log.warning("consumer group missing, re-creating it", error=str(e))
             await self.ensure_groups()
@@ -286,24 +370,34 @@ class Streams:
     async def _delivery_counts(self, key: str, entry_ids: list[bytes]) -> dict[bytes, int]:
         counts: dict[bytes, int] = {}
         for entry_id in entry_ids:
-            rows = await self.redis.xpending_range(key, contract.WORKERS_GROUP, entry_id, entry_id, 1)
+            rows = await self.retrying(
+                lambda entry_id=entry_id: self.redis.xpending_range(
+                    key, contract.WORKERS_GROUP, entry_id, entry_id, 1
+                )
+            )
             if rows:
                 counts[entry_id] = int(rows[0]["times_delivered"])
         return counts
 
     async def _owner(self, key: str, entry_id: bytes) -> str | None:
         try:
-            rows = await self.redis.xpending_range(key, contract.WORKERS_GROUP, entry_id, entry_id, 1)
+            rows = await self.retrying(
+                lambda: self.redis.xpending_range(key, contract.WORKERS_GROUP, entry_id, entry_id, 1)
+            )
         except ResponseError:
             return None
         return rows[0]["consumer"].decode() if rows else None
 
     async def _xadd_once(self, key: str, seq: int, fields: contract.Fields) -> bool:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(key, fields, id=contract.entry_id(seq))
-        pipe.expire(key, self._live_ttl_s())
+
+        def add() -> Any:  # a pipeline empties itself when it runs: build one per attempt
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(key, fields, id=contract.entry_id(seq))
+            pipe.expire(key, self._live_ttl_s())
+            return pipe.execute()
+
         try:
-            await pipe.execute()
+            await self.retrying(add)
         except ResponseError as e:
             if "equal or smaller" in str(e):
                 return False
@@ -311,7 +405,9 @@ class Streams:
         return True
 
     async def _xread(self, key: str, after_seq: int, count: int, block_ms: int | None) -> list[Any]:
-        rows = await self.redis.xread({key: contract.entry_id(after_seq)}, count=count, block=block_ms)
+        rows = await self.retrying(
+            lambda: self.redis.xread({key: contract.entry_id(after_seq)}, count=count, block=block_ms)
+        )
         if not rows:
             return []
         if isinstance(rows, dict):

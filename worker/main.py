@@ -1,7 +1,8 @@
 """`rawwave worker`: load the model directory, then own sessions from the queue and publish their events.
 
 SIGTERM or SIGINT: stop claiming, let live sessions finish within drain_timeout_s, hand back the rest,
-exit 0.
+exit 0. Redis going away never ends the process: it waits (jittered backoff, one log line when Redis
+goes and one when it is back) and carries on; see `worker.ownership`.
 """
 
 from __future__ import annotations

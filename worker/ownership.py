@@ -5,6 +5,12 @@ the streaming session is deterministic in its audio, so a replay regenerates the
 Redis refuses the ones already there (explicit ids), so consumers see every seq exactly once.
 ONNX Runtime runs in a thread pool; the event loop only moves Redis traffic. One error boundary per
 session: whatever goes wrong ends that session with an `error` event, never the worker.
+
+Redis outages are waited out, never turned into errors: the claim loop backs off with jitter and
+logs once per state change; a session whose Redis calls fail for longer than `redis_retry_s` stays
+pending and is replayed later. A worker that was paused or cut off past `reclaim_idle_ms` checks
+that it still owns a session before it publishes again. A session whose Redis data vanished
+(FLUSHALL, a restart without persistence, a hole in its audio) ends with an `error` event `lost`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from rawwave import contract
 from rawwave.contract import AudioChunk, ContractError, ErrorCode, Event, SessionAnnounce
 from rawwave.logs import bind_session, get_logger
 from rawwave.settings import Settings
-from rawwave.streams import Claim, Streams
+from rawwave.streams import TRANSIENT_ERRORS, Backoff, Claim, Streams
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
@@ -32,6 +38,11 @@ T = TypeVar("T")
 READ_BLOCK_MS = 500  # longest wait for audio before looking at timeouts again
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 10
+LOST_MESSAGE = "Redis lost this session's data (FLUSHALL or a restart without persistence); push it again"
+
+
+class ClaimLost(Exception):
+    """Another worker owns this session now: stop serving it, publish nothing more."""
 
 
 @dataclass
@@ -52,18 +63,18 @@ class Worker:
         self.stopping = asyncio.Event()
         self.slot_free = asyncio.Event()
         self.served = 0
+        self.claims_confirmed_at = time.monotonic()  # when _keep_claims last saw all our claims as ours
+        self.gone: set[bytes] = set()  # claims whose session Redis no longer has
 
     # -- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Claim and serve until stop(); then drain and hand back what did not finish in time."""
-        await self.streams.ensure_groups()
+        await self._until_redis_answers(self.streams.ensure_groups)
         helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._keep_claims())]
         log.info("worker started", worker=self.name, max_sessions=self.settings.max_sessions_per_worker)
         try:
-            next_reclaim = 0.0
-            while not self.stopping.is_set():
-                next_reclaim = await self._claim_some(next_reclaim)
+            await self._claim_until_stopped()
             await self._drain()
         finally:
             for helper in helpers:
@@ -73,6 +84,37 @@ class Worker:
                 await self._beat(draining=True)
             self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("worker stopped", worker=self.name, sessions_served=self.served)
+
+    async def _claim_until_stopped(self) -> None:
+        """The process's error boundary: a failing claim backs off (jittered) and is logged once."""
+        next_reclaim, backoff, last_error = 0.0, Backoff(), ""
+        while not self.stopping.is_set():
+            try:
+                next_reclaim = await self._claim_some(next_reclaim)
+            except TRANSIENT_ERRORS as e:
+                self.streams.link.failed(e)
+            except Exception as e:
+                if str(e) != last_error:
+                    log.exception("claiming sessions failed: backing off", error=str(e))
+                last_error = str(e)
+            else:
+                self.streams.link.ok()
+                backoff.reset()
+                last_error = ""
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff.next_s())
+
+    async def _until_redis_answers(self, call: Any) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await call()
+                self.streams.link.ok()
+                return
+            except TRANSIENT_ERRORS as e:
+                self.streams.link.failed(e)
+                await asyncio.sleep(backoff.next_s())
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -100,7 +142,7 @@ class Worker:
         if claim.entry_id in self.live:
             return  # our own live session, reclaimed from ourselves after a slow keep-alive
         if self.stopping.is_set():
-            await self.streams.release(self.name, claim)
+            await self._release(claim)
             return
         task = asyncio.create_task(self._serve(claim), name=f"session-{claim.session}")
         self.live[claim.entry_id] = Live(claim, task)
@@ -121,8 +163,15 @@ class Worker:
             live.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await live.task
-            await self.streams.release(self.name, live.claim)
+            await self._release(live.claim)
             log.warning("drain deadline: session handed back", session_id=live.claim.session)
+
+    async def _release(self, claim: Claim) -> None:
+        """Hand a claim back; if Redis is unreachable it stays pending and is reclaimed when idle."""
+        try:
+            await self.streams.release(self.name, claim)
+        except TRANSIENT_ERRORS as e:
+            log.warning("could not hand the session back; it is reclaimed when idle", error=str(e))
 
     # -- helpers: heartbeat and keeping our claims -------------------------------------------------
 
@@ -139,19 +188,46 @@ class Worker:
         await self.streams.beat(beat, HEARTBEAT_TTL_S)
 
     async def _keep_claims(self) -> None:
-        """Refresh our claims well within reclaim_idle_ms; a claim someone took over stops its session."""
+        """Refresh our claims well within reclaim_idle_ms; a claim someone took over stops its session,
+        one whose session Redis lost ends it with an error."""
         while True:
             await asyncio.sleep(self.settings.reclaim_idle_ms / 3000)
+            checked_at = time.monotonic()
             try:
                 lost = await self.streams.keep_claims(self.name, [live.claim for live in self.live.values()])
+                for entry_id in lost:
+                    await self._lost_claim(entry_id)
+            except TRANSIENT_ERRORS as e:
+                self.streams.link.failed(e)
+                continue
             except Exception as e:
                 log.warning("could not refresh claims", error=str(e))
                 continue
-            for entry_id in lost:
-                live = self.live.get(entry_id)
-                if live is not None:
-                    log.warning("session taken over by another worker", session_id=live.claim.session)
-                    live.task.cancel()
+            self.claims_confirmed_at = checked_at
+
+    async def _lost_claim(self, entry_id: bytes) -> None:
+        live = self.live.get(entry_id)
+        if live is None or entry_id in self.gone:
+            return
+        if await self.streams.announce_exists(live.claim):
+            log.warning("session taken over by another worker", session_id=live.claim.session)
+            live.task.cancel()
+        else:
+            log.error("Redis lost the session's data: ending it with an error", session_id=live.claim.session)
+            self.gone.add(entry_id)
+
+    async def confirm_owner(self, claim: Claim) -> None:
+        """Before publishing: if our claims were not confirmed lately (we were paused or cut off for
+        long enough to be reclaimed), ask Redis whether this one is still ours."""
+        stale_after_s = self.settings.reclaim_idle_ms / 2000
+        if time.monotonic() - self.claims_confirmed_at < stale_after_s:
+            return
+        if await self.streams.still_owner(self.name, claim):
+            return
+        if not await self.streams.announce_exists(claim):
+            self.gone.add(claim.entry_id)  # nobody owns it: Redis lost it; we end it with `lost`
+            return
+        raise ClaimLost(f"claim {claim.entry_id.decode()} is no longer ours")
 
     # -- one session ---------------------------------------------------------------------------
 
@@ -163,9 +239,17 @@ class Worker:
             except asyncio.CancelledError:
                 self.metrics.sessions_done.labels("handed_over").inc()
                 raise
+            except ClaimLost as e:
+                log.warning("session taken over while we were away: publishing nothing more", error=str(e))
+                outcome = "handed_over"
+            except TRANSIENT_ERRORS as e:
+                log.warning("redis unreachable too long: session left pending for a replay", error=str(e))
+                outcome = "redis_unreachable"
             except Exception as e:
                 log.exception("session failed", error=str(e))
                 outcome = await self._fail(claim, f"{type(e).__name__}: {e}")
+            finally:
+                self.gone.discard(claim.entry_id)
             self.served += 1
             self.metrics.sessions_done.labels(outcome).inc()
 
@@ -223,6 +307,8 @@ class SessionRun:
         self.handled = 0  # highest seq we published or found published
         self.audio_bytes = 0
         self.compute_s = 0.0
+        self.sent: list[Event] = []  # what this run published: republished if Redis lost it (see _publish)
+        self.outages_seen = self.streams.link.outages
 
     async def run(self) -> str:
         self.published = await self.streams.last_event_seq(self.session_id)
@@ -248,6 +334,8 @@ class SessionRun:
         """Read audio, compute, publish, until the session is done."""
         after, last_audio = 0, time.monotonic()
         while not session.done:
+            if self.claim.entry_id in self.worker.gone:
+                return await self._abort(session, "lost", LOST_MESSAGE)
             try:
                 entries = await self.streams.read_audio(
                     self.session_id, after, count=64, block_ms=READ_BLOCK_MS
@@ -255,6 +343,8 @@ class SessionRun:
             except ContractError as e:
                 return await self._abort(session, "bad_audio", str(e))
             if entries:
+                if entries[0].seq != after + 1:  # a hole: Redis came back without some audio
+                    return await self._abort(session, "lost", _hole(after + 1, entries[0].seq - 1))
                 after, last_audio = entries[-1].seq, time.monotonic()
                 problem = self._take(session, entries)
                 if problem:
@@ -265,6 +355,8 @@ class SessionRun:
                 )
             try:
                 await self._drive(session)
+            except ClaimLost:
+                raise
             except Exception as e:
                 log.exception("inference failed", error=str(e))
                 return await self._abort(session, "inference_failed", f"{type(e).__name__}: {e}")
@@ -279,6 +371,8 @@ class SessionRun:
                 self.metrics.chunks.inc()
                 self.metrics.audio_s.inc(len(entry.pcm) / contract.SAMPLE_WIDTH / contract.SAMPLE_RATE)
                 session.feed(entry.pcm)
+            elif entry.reason == "error":  # the file went bad midway: its transcript would be wrong
+                return "bad_audio", entry.message or "the audio ended with an error"
             else:
                 session.end()
                 break
@@ -297,13 +391,30 @@ class SessionRun:
             await self._publish(events)
 
     async def _publish(self, events: list[Event]) -> None:
+        await self.worker.confirm_owner(self.claim)
+        if self.streams.link.outages != self.outages_seen:
+            await self._restore_lost_events()
         for event in events:
             fresh = event.seq > self.published and await self.streams.publish(event)
             if fresh:
                 self.metrics.events.labels(event.type).inc()
+                self.sent.append(event)
             else:
                 self.metrics.suppressed.inc()
             self.handled = max(self.handled, event.seq)
+
+    async def _restore_lost_events(self) -> None:
+        """Redis was unreachable since we last published: if it came back from a snapshot that lacks
+        our latest events (AOF everysec loses up to a second), publish them again, in order."""
+        self.outages_seen = self.streams.link.outages
+        last = await self.streams.last_event_seq(self.session_id)
+        missing = [event for event in self.sent if event.seq > last]
+        if missing:
+            log.warning(
+                "events lost by Redis: publishing them again", first=missing[0].seq, count=len(missing)
+            )
+        for event in missing:
+            await self.streams.publish(event)
 
     async def _abort(self, session: StreamingSession, code: ErrorCode, message: str) -> str:
         log.warning("session ended with an error", code=code, message=message)
@@ -336,6 +447,10 @@ def _decode_summary(session: StreamingSession) -> dict[str, float]:
         "guess_accepted": stats.guess_accepted,
         "guessed": stats.guessed,
     }
+
+
+def _hole(first: int, last: int) -> str:
+    return f"audio entries {first}..{last} are missing (Redis lost them); push the audio again"
 
 
 def _now_ms() -> int:

@@ -171,4 +171,15 @@ async def test_health_and_drain(server: Server, streams: Streams, speech_wav: Pa
     async with server.http.post(f"{server.url}/v1/sessions", data=speech_wav.read_bytes()) as r:
         assert r.status == 503 and r.headers["Retry-After"]
     entries = await read_all_audio(streams, upload.session)
+    assert entries[-1].reason == "end" and len(entries) > 10  # accepted: pushed to the end while draining
+
+
+async def test_drain_deadline_ends_a_still_pushing_upload_with_shutdown(
+    server: Server, streams: Streams, speech_wav: Path
+) -> None:
+    server.ingest.settings = server.ingest.settings.model_copy(update={"drain_timeout_s": 0.2})
+    upload = await open_file_session(streams, server.ingest.settings, speech_wav, source_kind="http")
+    server.ingest.spawn_upload(upload.pump(realtime=True))  # 2.8 s of audio, paced: outlives the deadline
+    await server.ingest.drain()
+    entries = await read_all_audio(streams, upload.session)
     assert entries[-1].reason == "shutdown" and len(entries) < 10

@@ -29,7 +29,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server/redis-cli not found: apt-get install redis-server")
     root = tmp_path_factory.mktemp("cluster")
-    ports = [free_port() for _ in range(MASTERS)]
+    ports = [_cluster_port() for _ in range(MASTERS)]
     nodes = [_start_node(root / str(port), port) for port in ports]
     try:
         _create_cluster(ports)
@@ -39,6 +39,13 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             node.terminate()
         for node in nodes:
             node.wait(timeout=5)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) exists too: a node above 55535 dies at start."""
+    while (port := free_port()) > 65535 - 10000:
+        pass
+    return port
 
 
 def _start_node(data_dir: Path, port: int) -> subprocess.Popen[bytes]:

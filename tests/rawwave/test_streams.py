@@ -138,3 +138,34 @@ async def test_connection_errors_surface_as_redis_errors(settings: Settings) -> 
     with pytest.raises(aioredis.ConnectionError):
         await dead.ping()
     await dead.close()
+
+
+def test_backoff_is_jittered_doubling_and_capped() -> None:
+    from rawwave.streams import BACKOFF_FIRST_S, BACKOFF_MAX_S, Backoff
+
+    backoff = Backoff()
+    delays = [backoff.next_s() for _ in range(12)]
+    assert BACKOFF_FIRST_S / 2 <= delays[0] <= BACKOFF_FIRST_S
+    assert all(d <= BACKOFF_MAX_S for d in delays) and max(delays) >= BACKOFF_MAX_S / 2
+    backoff.reset()
+    assert backoff.next_s() <= BACKOFF_FIRST_S
+
+
+def test_redis_link_logs_once_per_state_change() -> None:
+    from structlog.testing import capture_logs
+
+    from rawwave.streams import RedisLink
+
+    link = RedisLink()
+    with capture_logs() as logs:
+        for _ in range(50):
+            link.failed(ConnectionError("refused"))
+        link.ok()
+        link.ok()
+        link.failed(ConnectionError("a stale pooled connection, right after recovering"))
+        link.ok()
+    assert [entry["event"] for entry in logs] == [
+        "redis unreachable: retrying with backoff",
+        "redis reachable again",
+    ]
+    assert link.outages == 2  # the flap still counts: callers re-check what Redis may have lost
