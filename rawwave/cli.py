@@ -43,6 +43,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "data": ("export.dataset", "synthesize the training speech corpus", "rawwave data --out data/corpus"),
     "train": ("export.train", "train the default model", "rawwave train"),
+    "train-drafter": (
+        "export.train_drafter",
+        "train the MTP drafter on the target's own greedy outputs",
+        "rawwave train-drafter",
+    ),
     "eval": (
         "export.evaluate",
         "evaluate a model directory (WER, skills, MTP)",
