@@ -35,10 +35,15 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """Resolve sys.stderr at each log call, not at configure time: it may be replaced (tests, daemons)."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def _wants_console(settings: Settings) -> bool:
