@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import REPO
+from export.metrics import edit_distance
 
 SENTENCES = REPO / "export" / "eval_sentences.txt"
 SAMPLE_RATE = 16000
@@ -110,15 +111,6 @@ def word_appearances(
             if reference[i][1] <= audio_s:
                 first.setdefault(i, at)
     return first
-
-
-def edit_distance(a: list[str], b: list[str]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:

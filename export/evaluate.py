@@ -27,6 +27,7 @@ import numpy as np
 
 from export.augment import add_noise, opus_round_trip
 from export.dataset import Corpus, stamped
+from export.metrics import char_error_rate, word_error_rate, words_of
 from rawwave.contract import (
     SAMPLE_RATE,
     SAMPLE_WIDTH,
@@ -56,32 +57,6 @@ EXPORT_CACHE = Path("runs/eval/models")
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
-
-
-def words_of(text: str) -> list[str]:
-    return text.lower().split()
-
-
-def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Levenshtein distance between two sequences (characters or words)."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1]
-
-
-def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
-    errors = sum(edit_distance(words_of(r), words_of(h)) for r, h in zip(refs, hyps, strict=True))
-    return errors / max(1, sum(len(words_of(r)) for r in refs))
-
-
-def char_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
-    errors = sum(
-        edit_distance(" ".join(words_of(r)), " ".join(words_of(h))) for r, h in zip(refs, hyps, strict=True)
-    )
-    return errors / max(1, sum(len(" ".join(words_of(r))) for r in refs))
 
 
 def matched_words(ref: Sequence[str], hyp: Sequence[str]) -> set[int]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from export import augment, tokenizer
 from export.dataset import Corpus, stamped
+from export.metrics import edit_distance
 from export.model import FULL, SLIDING, AudioConfig, Config, Gemma4Unified, TextConfig, count_parameters
 
 IGNORE = -100
@@ -253,15 +254,6 @@ def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_
             model.embed_tokens(torch.tensor([[token]])), pos, past, num_logits_to_keep=1
         )
     return tok.decode(out)
-
-
-def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
 
 
 def cer(hyp: str, ref: str) -> float:
