@@ -13,7 +13,7 @@ import time
 from aiohttp import web
 
 from ingest.audio_files import AudioTooLongError, BadAudioError
-from ingest.file_session import open_file_session
+from ingest.file_session import FileSession, open_file_session
 from ingest.state import INGEST_KEY, HttpError, Ingest, check_length, read_capped, seq_param, session_param
 from rawwave.contract import TERMINAL_EVENT_TYPES, Event, event_to_json
 from rawwave.logs import bind_session, get_logger
@@ -29,10 +29,20 @@ KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an id
 async def create_session(request: web.Request) -> web.Response:
     ingest: Ingest = request.app[INGEST_KEY]
     ingest.check_accepting()
+    async with ingest.new_session():  # before the body: a refused upload costs no bandwidth
+        upload = await _open_upload(request, ingest)
+    ingest.spawn_upload(upload.pump())
+    await upload.started.wait()  # the events URL we answer with must find the session at once
+    location = f"/v1/sessions/{upload.session}/events"
+    return web.json_response({"session": upload.session, "events": location}, status=201)
+
+
+async def _open_upload(request: web.Request, ingest: Ingest) -> FileSession:
+    """Read and validate the upload, then announce its session."""
     audio, image, name = await _read_upload(request, ingest.settings.max_upload_bytes)
     respond = request.query.get("respond", "") in ("1", "true", "yes")
     try:
-        upload = await open_file_session(
+        return await open_file_session(
             ingest.streams,
             ingest.settings,
             audio,
@@ -45,10 +55,6 @@ async def create_session(request: web.Request) -> web.Response:
         raise HttpError(413, str(e), e.code) from e
     except BadAudioError as e:
         raise HttpError(400, str(e), e.code) from e
-    ingest.spawn_upload(upload.pump())
-    await upload.started.wait()  # the events URL we answer with must find the session at once
-    location = f"/v1/sessions/{upload.session}/events"
-    return web.json_response({"session": upload.session, "events": location}, status=201)
 
 
 async def session_events(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 
+from ingest.admission import Admission
 from ingest.audio_files import BadAudioError
 from ingest.client import connected, write_line
 from ingest.file_session import open_file_session
@@ -34,8 +35,10 @@ async def push_all(
     """Push each file in turn; a bad file is reported on stderr and the rest still go."""
     failed = 0
     async with connected(settings) as streams:
+        admission = Admission(streams, settings.max_queued_sessions)
         for path in files:
             try:
+                await admission.admit()  # QueueFullError stops here: the rest would be refused too
                 await push_one(streams, settings, path, realtime=realtime, respond=respond)
             except BadAudioError as e:
                 if len(files) == 1:

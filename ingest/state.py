@@ -1,7 +1,8 @@
 """The ingest process's shared state and its HTTP error type; what every handler module imports.
 
 `Ingest` holds the settings, the one `Streams`, the live WebRTC peers and the upload pumps, and
-knows whether the process is still accepting sessions (it stops on SIGTERM).
+knows whether the process is still accepting sessions (it stops on SIGTERM) and whether the queue
+has room for one more (`max_queued_sessions`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
 
+from ingest.admission import Admission, QueueFullError
 from ingest.webrtc import Peers
 from rawwave.contract import SESSION_ID_PATTERN
 from rawwave.logs import get_logger
@@ -59,6 +62,7 @@ class Ingest:
         self.settings = settings
         self.streams = streams
         self.peers = Peers()
+        self.admission = Admission(streams, settings.max_queued_sessions)
         self.uploads: set[asyncio.Task[Any]] = set()
         self.draining = False
 
@@ -67,6 +71,24 @@ class Ingest:
             raise HttpError(
                 503, "ingest is shutting down", "shutting_down", {"Retry-After": str(RETRY_AFTER_S)}
             )
+
+    @asynccontextmanager
+    async def new_session(self, new: bool = True) -> AsyncIterator[None]:
+        """Hold a place for a new session while the request creates it; refuse (503, code "busy")
+        while max_queued_sessions wait or run. A failed request gives its place back."""
+        if not new:
+            yield
+            return
+        try:
+            ticket = await self.admission.admit()
+        except QueueFullError as e:
+            log.warning("session refused: queue full", limit=self.settings.max_queued_sessions)
+            raise HttpError(503, str(e), "busy", {"Retry-After": str(RETRY_AFTER_S)}) from e
+        try:
+            yield
+        except BaseException:
+            self.admission.release(ticket)
+            raise
 
     def check_peer_caps(self, owner: str) -> None:
         """Refuse a new peer past the process cap (503) or the caller's own cap (429)."""

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 
+from ingest.admission import Admission
 from ingest.client import connected, follow_events, write_event, write_line
 from ingest.file_session import open_file_session
 from rawwave.contract import Event
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def transcribe(settings: Settings, args: argparse.Namespace) -> int:
     async with connected(settings) as streams:
+        await Admission(streams, settings.max_queued_sessions).admit()
         upload = await open_file_session(
             streams, settings, args.file, source_kind="file", respond=args.respond
         )

@@ -36,14 +36,15 @@ async def post_offer(request: web.Request) -> web.Response:
     ingest.check_accepting()
     owner = caller_of(request)
     ingest.check_peer_caps(owner)
-    offer = await _read_offer(request, ingest.settings.max_sdp_bytes)
     resume = request.query.get("session")
-    after_seq = seq_param(request.query.get("last_seq"), "last_seq")
-    if resume:
-        peer, answer = await _rejoin(ingest, session_param(resume), offer, owner, after_seq)
-    else:
-        respond = request.query.get("respond", "") in ("1", "true", "yes")
-        peer, answer = await _start(ingest, offer, owner, respond)
+    async with ingest.new_session(new=not resume):  # a reconnect joins a session already counted
+        offer = await _read_offer(request, ingest.settings.max_sdp_bytes)
+        after_seq = seq_param(request.query.get("last_seq"), "last_seq")
+        if resume:
+            peer, answer = await _rejoin(ingest, session_param(resume), offer, owner, after_seq)
+        else:
+            respond = request.query.get("respond", "") in ("1", "true", "yes")
+            peer, answer = await _start(ingest, offer, owner, respond)
     headers = {"Location": f"/whip/{peer.id}", "X-Rawwave-Session": peer.session}
     return web.Response(status=201, text=answer, content_type="application/sdp", headers=headers)
 

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     max_peers_per_token: int = Field(8, ge=1, description="Concurrent WebRTC peers per bearer token.")
     max_sdp_bytes: int = Field(32768, ge=1024, description="Largest SDP offer accepted.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1024, description="Largest audio upload accepted.")
+    max_queued_sessions: int = Field(
+        64,
+        ge=0,
+        description="New sessions are refused (503 + Retry-After; `push`/`transcribe` exit 1) while "
+        "this many are announced and not finished, waiting or running (0 = unlimited).",
+    )
 
     # -- local stack & logs --------------------------------------------------------------------
     state_dir: Path = Field(

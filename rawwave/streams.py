@@ -37,6 +37,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)  # incl. LOADING
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0  # a recovered Redis is noticed within this (plus jitter)
+BACKLOG_SCAN = 10_000  # most unread announce entries counted one by one (when Redis has no lag)
 FLAP_S = 5.0  # a failure this soon after recovering (a stale pooled connection) continues the outage
 
 
@@ -293,6 +294,21 @@ class Streams:
             total += int(summary["pending"])
         return total
 
+    async def backlog(self) -> int:
+        """Sessions announced but not finished: per partition, entries the workers' group has not read
+        yet (`lag`) plus entries read and not yet acked (`pending`), both from one XINFO GROUPS."""
+        total = 0
+        for partition in range(self._partitions):
+            key = contract.announce_key(partition)
+            try:
+                groups = await self.retrying(lambda key=key: self.redis.xinfo_groups(key))
+            except ResponseError:  # no stream yet: nothing announced there
+                continue
+            for group in groups:
+                if _str(group["name"]) == contract.WORKERS_GROUP:
+                    total += int(group["pending"]) + await self._unread(key, group)
+        return total
+
     async def trim_announcements(self, max_age_ms: int) -> None:
         """Drop old announce entries, but never one still pending (MINID <= oldest pending id)."""
         for partition in range(self._partitions):
@@ -388,6 +404,14 @@ class Streams:
             return None
         return rows[0]["consumer"].decode() if rows else None
 
+    async def _unread(self, key: str, group: dict[str, Any]) -> int:
+        """The group's `lag`; Redis leaves it unset after deletions in the range, so then count the
+        entries after last-delivered-id (at most BACKLOG_SCAN entries: past that, "full" is all we need)."""
+        if group.get("lag") is not None:
+            return int(group["lag"])
+        after = "(" + _str(group["last-delivered-id"])
+        return len(await self.retrying(lambda: self.redis.xrange(key, after, "+", count=BACKLOG_SCAN)))
+
     async def _xadd_once(self, key: str, seq: int, fields: contract.Fields) -> bool:
 
         def add() -> Any:  # a pipeline empties itself when it runs: build one per attempt
@@ -421,6 +445,10 @@ class Streams:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _id_tuple(stream_id: str) -> tuple[int, int]:

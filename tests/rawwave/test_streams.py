@@ -169,3 +169,17 @@ def test_redis_link_logs_once_per_state_change() -> None:
         "redis reachable again",
     ]
     assert link.outages == 2  # the flap still counts: callers re-check what Redis may have lost
+
+
+async def test_backlog_counts_unread_and_unfinished_sessions(streams: Streams) -> None:
+    assert await streams.backlog() == 0
+    for i in range(3):
+        await streams.announce(announce(f"b{i}"))
+    assert await streams.backlog() == 3  # unread (lag)
+    [claim] = await streams.claim_new("c1", count=1, block_ms=10)
+    assert await streams.backlog() == 3  # 1 pending + 2 unread
+    await streams.finish(claim)
+    assert await streams.backlog() == 2
+    rows = await streams.redis.xrange(contract.announce_key(0))
+    await streams.redis.xdel(contract.announce_key(0), rows[-1][0])  # Redis may no longer know the lag
+    assert await streams.backlog() == 1
