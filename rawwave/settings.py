@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         description="How long an idempotent Redis call retries (jittered backoff, 50 ms to 2 s) before "
         "it fails; a worker's claim loop retries for ever.",
     )
+    redis_max_connections: int = Field(
+        512, ge=4, description="Connections in this process's Redis pool; past it, callers wait for one."
+    )
     announce_partitions: int = Field(
         1, ge=1, le=1024, description="Session announce streams (spread over Cluster slots)."
     )

@@ -58,8 +58,16 @@ def connect_redis(settings: Settings, url: str | None = None) -> Any:
     }
     url = url or resolve_redis_url(settings)
     if settings.redis_cluster:
-        return aioredis.RedisCluster.from_url(url, **options)
-    return aioredis.Redis.from_url(url, **options)
+        return aioredis.RedisCluster.from_url(url, max_connections=settings.redis_max_connections, **options)
+    # a caller past the pool's size waits for a connection instead of failing: many sessions each hold
+    # one for a blocking read, and a burst beyond the pool is load, not an outage
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_socket_timeout_s,
+        **options,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisLink:
