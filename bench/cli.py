@@ -15,6 +15,7 @@ BENCHMARKS = {
     "mtp": "bench.mtp",
     "export": "bench.export_bench",
     "peer": "bench.peer",
+    "batching": "bench.batching",
 }
 
 

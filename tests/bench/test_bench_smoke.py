@@ -27,6 +27,7 @@ KEYS = {
     "mtp": ("model", "speedup", "acceptance", "identical", "mean_accepted_length", "summary", "samples"),
     "export": ("model", "ort_vs_torch", "quantized", "slice_12b"),
     "peer": ("model", "peer", "splits"),
+    "batching": ("model", "threads", "pays_from", "max_abs_logit_diff"),
 }
 
 
@@ -74,3 +75,6 @@ def _check(name: str, result: dict[str, Any]) -> None:
         held = result["splits"]["held_out_voice"]
         assert set(held) == {"rawwave_streaming", "rawwave_batch", "pocketsphinx"}
         assert all(s["voice"].startswith("flite:slt") for s in held["pocketsphinx"]["samples"])
+    elif name == "batching":
+        assert set(result["threads"]) == {"1", "2"} and set(result["threads"]["1"]) == {"1", "2"}
+        assert result["max_abs_logit_diff"] <= 1e-4
