@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rawwave.local_stack import free_port, wait_for_port
-from tests.ingest.test_browser import CHROMIUM, _strip_candidates
+from tests.browser import CHROMIUM, chromium_args, strip_candidates
 from tests.models import ARTIFACTS, REPO
 
 from .conftest import Stack, clean_env
@@ -58,23 +58,12 @@ def loopback_ingest(stack: Stack, tmp_path: Path) -> Iterator[str]:
 async def test_page_shows_the_workers_final(loopback_ingest: str, speech_wav: Path) -> None:
     from playwright.async_api import async_playwright
 
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={speech_wav}",  # played in a loop, pauses included
-        "--allow-loopback-in-peer-connection",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-    ]
+    args = chromium_args(speech_wav)  # the WAV plays in a loop, pauses included
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             page = await browser.new_page(viewport={"width": 900, "height": 640})
-            await page.route("**/whip*", _strip_candidates)
+            await page.route("**/whip*", strip_candidates)
             await page.goto(loopback_ingest)
             await page.get_by_test_id("start").click()
             started = time.monotonic()

@@ -15,12 +15,12 @@ import pytest
 
 from rawwave.contract import FinalEvent, PartialEvent, ResponseDeltaEvent
 from rawwave.streams import Streams
+from tests.browser import CHROMIUM, chromium_args, strip_candidates
 
 from .conftest import REPO_ROOT, Server
 from .test_http_api import announced
 from .test_webrtc import audio_seconds, wait_until
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
@@ -37,35 +37,17 @@ def loopback_only_ice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioice.ice.StunProtocol, "datagram_received", datagram_received)
 
 
-def loopback_candidates_only(sdp: str) -> str:
-    lines = sdp.split("\r\n")
-    kept = [line for line in lines if not line.startswith("a=candidate:") or line.split()[4] == "127.0.0.1"]
-    assert any(line.startswith("a=candidate:") for line in kept), "Chromium offered no 127.0.0.1 candidate"
-    return "\r\n".join(kept)
-
-
 async def test_page_streams_the_mic_and_shows_events(
     server: Server, streams: Streams, speech_wav: Path, loopback_only_ice: None
 ) -> None:
     from playwright.async_api import async_playwright
 
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={speech_wav}",
-        "--allow-loopback-in-peer-connection",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-    ]
+    args = chromium_args(speech_wav)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             page = await browser.new_page(viewport={"width": 900, "height": 640})
-            await page.route("**/whip*", _strip_candidates)
+            await page.route("**/whip*", strip_candidates)
             await page.goto(server.url)
             await page.get_by_test_id("start").click()
             await wait_until(lambda: _one_session(streams), timeout=15)
@@ -91,14 +73,6 @@ async def test_page_streams_the_mic_and_shows_events(
             await wait_until(lambda: _ended(streams, session), timeout=10)
         finally:
             await browser.close()
-
-
-async def _strip_candidates(route) -> None:  # type: ignore[no-untyped-def]
-    request = route.request
-    if request.method == "POST" and request.post_data:
-        await route.continue_(post_data=loopback_candidates_only(request.post_data))
-    else:
-        await route.continue_()
 
 
 async def _one_session(streams: Streams) -> bool:
