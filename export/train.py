@@ -227,10 +227,15 @@ def ctc_loss(head: nn.Linear, hidden: torch.Tensor, batch: Batch) -> torch.Tenso
 
 
 def learning_rate(s: TrainSettings, step: int) -> float:
-    if step < s.warmup:
-        return s.lr * (step + 1) / s.warmup
-    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(s.lr, s.warmup, s.steps, step, floor=0.1)
+
+
+def warmup_cosine(peak: float, warmup: int, steps: int, step: int, floor: float) -> float:
+    """Linear warm-up to `peak`, then a cosine down to `floor * peak` at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------

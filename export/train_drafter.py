@@ -38,6 +38,7 @@ from export.assistant import Assistant, AssistantConfig, shared_kv_from_present
 from export.checkpoint import load_model, save_assistant
 from export.dataset import Corpus, stamped
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
+from export.train import warmup_cosine
 
 STEP_DECAY = 0.7  # loss weight of draft step j: STEP_DECAY ** (j - 1)
 STOPS = (tokenizer.TURN_END, tokenizer.EOS)
@@ -306,10 +307,7 @@ def draft_loss(
 
 
 def learning_rate(s: DrafterSettings, step: int) -> float:
-    if step < s.warmup:
-        return s.lr * (step + 1) / s.warmup
-    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
-    return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(s.lr, s.warmup, s.steps, step, floor=0.05)
 
 
 @torch.no_grad()
