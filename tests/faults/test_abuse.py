@@ -19,37 +19,24 @@ import wave
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from ingest.audio_files import BadAudioError, DecodeLimits, decode_all
-from ingest.webrtc import pinned_ice_hosts
 from rawwave import contract
 from rawwave.contract import ContractError
 from rawwave.settings import Settings
 from tests.faults.books import CLIPS
 from tests.faults.conftest import report
 from tests.ingest.conftest import start_server
-from tests.ingest.webrtc_client import LOOPBACK
+from tests.ingest.webrtc_client import unconnected_offer
 from tests.models import wav_bytes
 
 TOKEN = "s3cret-token"
 ORIGIN = "https://app.example"
 GOOD = {"Authorization": f"Bearer {TOKEN}", "Origin": ORIGIN}
 LIMITS = DecodeLimits.for_session(10.0)
-
-
-async def real_offer() -> str:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendonly")
-    pc.createDataChannel("events")
-    with pinned_ice_hosts(LOOPBACK):
-        await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 def mutate(offer: str, rng: random.Random) -> bytes:
@@ -82,7 +69,7 @@ async def test_signaling_abuse_is_refused_clearly_and_legit_peers_still_connect(
         "ice_host_addresses": ["127.0.0.1"],
     })  # fmt: skip
     runner, url = await start_server(guarded)
-    offer, rng = await real_offer(), random.Random(2024)
+    offer, rng = await unconnected_offer(), random.Random(2024)
     statuses: dict[str, list[int]] = {}
 
     async def post(name: str, body: bytes | str, headers: dict[str, str]) -> int:

@@ -6,31 +6,21 @@ import re
 
 import aiohttp
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from pydantic import SecretStr
 
-from ingest.webrtc import pinned_ice_hosts
 from rawwave.settings import Settings
 from rawwave.streams import Streams
 
 from .conftest import Server, start_server
 from .test_http_api import announced, read_all_audio
-from .webrtc_client import LOOPBACK, connect
+from .webrtc_client import connect, unconnected_offer
 
 SDP = {"Content-Type": "application/sdp"}
 
 
 @pytest.fixture
 async def offer() -> str:
-    """A real offer from aiortc (never connected)."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendonly")
-    pc.createDataChannel("events")
-    with pinned_ice_hosts(LOOPBACK):
-        await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
+    return await unconnected_offer()
 
 
 async def post(url: str, body: str | bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:

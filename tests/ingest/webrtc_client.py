@@ -16,6 +16,18 @@ from ingest.webrtc import pinned_ice_hosts
 LOOPBACK = ["127.0.0.1"]  # the client gathers on loopback only: no traffic to this machine's other addresses
 
 
+async def unconnected_offer() -> str:
+    """A real SDP offer from aiortc (audio + data channel, loopback candidates), never connected."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="sendonly")
+    pc.createDataChannel("events")
+    with pinned_ice_hosts(LOOPBACK):
+        await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
 @dataclass
 class Client:
     pc: RTCPeerConnection
