@@ -25,7 +25,9 @@ import yaml
 
 from rawwave import contract
 from rawwave.cli import COMMANDS
+from rawwave.local_stack import free_port
 from rawwave.settings import Settings
+from tests.rawwave.test_up import wait_for
 
 # the `model_dir` fixture (tests/conftest.py) exports the default checkpoint, else a tiny one
 WORKER_MISSING = "" if Path(__file__).parents[1].joinpath("worker/main.py").exists() else "worker/main.py"
@@ -288,7 +290,7 @@ def test_up_runs_three_workers_that_all_register(tmp_path: Path, request: pytest
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAWWAVE_")}
     env |= {"RAWWAVE_STATE_DIR": str(tmp_path / "state"), "RAWWAVE_MODEL_DIR": str(model_dir)}
     env |= {"RAWWAVE_ORT_INTRA_THREADS": "1", "RAWWAVE_LOG_FORMAT": "json"}  # 3 workers share 2 cores
-    command = [sys.executable, "-m", "rawwave.cli", "up", "--workers", "3", "--port", str(_free_port())]
+    command = [sys.executable, "-m", "rawwave.cli", "up", "--workers", "3", "--port", str(free_port())]
     log = tmp_path / "up.log"
     with log.open("wb") as stderr:
         up = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr)
@@ -334,7 +336,7 @@ def _worker_children(pid: int) -> list[int]:
 def _stack_redis_url(state_dir: Path) -> str:
     from rawwave.local_stack import read_stack_state
 
-    state = _wait_for(lambda: read_stack_state(state_dir), timeout_s=10)
+    state = wait_for(lambda: read_stack_state(state_dir), timeout_s=10)
     return str(state.redis_url)
 
 
@@ -349,22 +351,6 @@ def _seconds(duration: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", duration)
     assert match, duration
     return float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(condition: Any, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail("timed out waiting")
 
 
 if __name__ == "__main__":
