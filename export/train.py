@@ -297,8 +297,13 @@ def evaluate(model, ctc_head, tok, data: Corpus, s: TrainSettings) -> dict:
 
 
 def save_state(path: Path, **state) -> None:
+    save_atomically(state, path)
+
+
+def save_atomically(obj: object, path: Path) -> None:
+    """torch.save through a temp file, so a run killed mid-write never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -38,7 +37,7 @@ from export.assistant import Assistant, AssistantConfig, shared_kv_from_present
 from export.checkpoint import load_model, save_assistant
 from export.dataset import Corpus, stamped
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
-from export.train import warmup_cosine
+from export.train import save_atomically, save_state, warmup_cosine
 
 STEP_DECAY = 0.7  # loss weight of draft step j: STEP_DECAY ** (j - 1)
 STOPS = (tokenizer.TURN_END, tokenizer.EOS)
@@ -358,9 +357,7 @@ class DrafterTrainer:
         frame = self.target.cfg.audio.audio_embed_dim
         seqs = prompts(self.s, self.tok, Corpus(self.s.data, split), count, frame, split)
         seqs = decode_all(self.target, seqs, self.s, self.log)
-        tmp = path.with_suffix(".tmp")
-        torch.save(seqs, tmp)
-        os.replace(tmp, path)
+        save_atomically(seqs, path)
         turns = [len(q.ids) - q.start for q in seqs]
         self.log(f"sequences {split}: {len(seqs)}, model turn mean {np.mean(turns):.1f} tokens")
         return seqs
@@ -375,10 +372,8 @@ class DrafterTrainer:
         return {"step": state["step"]}
 
     def checkpoint(self, step: int) -> None:
-        tmp = self.run / "state.tmp"
-        state = {"assistant": self.assistant.state_dict(), "optimizer": self.optimizer.state_dict()}
-        torch.save({**state, "step": step, "settings": asdict(self.s)}, tmp)
-        os.replace(tmp, self.run / "state.pt")
+        save_state(self.run / "state.pt", assistant=self.assistant.state_dict(),
+                   optimizer=self.optimizer.state_dict(), step=step, settings=asdict(self.s))  # fmt: skip
 
     def step(self, step: int) -> dict:
         for group in self.optimizer.param_groups:
