@@ -53,12 +53,14 @@ class TrainSettings:
     steps: int = 30_000  # cosine horizon; stop any time, resume continues
     weight_decay: float = 0.01
     ctc_weight: float = 0.4
+    ctc_units: str = "chars"  # the CTC head's alphabet: "chars" (a-z ' space) or "tokens" (the BPE vocab)
     threads: int = 2
     # data mix
     prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
     respond_prob: float = 0.5  # ask for a response after the transcript
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
     curriculum_steps: int = 3000  # max utterance length grows from 2.5 s to max_seconds over these
+    bucket: int = 1024  # a batch is drawn from this many length-neighbours (less padding); 0 = anywhere
     max_seconds: float = 12.0
     # bookkeeping
     log_every: int = 25
@@ -98,7 +100,24 @@ def build_model(s: TrainSettings, vocab_size: int) -> tuple[Gemma4Unified, nn.Li
     torch.manual_seed(s.seed)
     model = Gemma4Unified(model_config(s, vocab_size))
     nn.init.normal_(model.language_model.embed_tokens.weight, std=s.hidden**-0.5)
-    return model, nn.Linear(s.hidden, vocab_size)
+    return model, nn.Linear(s.hidden, ctc_classes(s, vocab_size))
+
+
+# Character CTC aligns sooner than CTC over a 1024-token BPE (MODEL-NOTES' plateau broke with
+# character units); the head is training-only, so its alphabet is free to differ from the decoder's.
+CTC_ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"  # class 0 is the blank
+
+
+def ctc_classes(s: TrainSettings, vocab_size: int) -> int:
+    return len(CTC_ALPHABET) + 1 if s.ctc_units == "chars" else vocab_size
+
+
+def ctc_targets(s: TrainSettings, tok, transcript: str) -> list[int]:
+    if not transcript:
+        return []
+    if s.ctc_units == "chars":
+        return [CTC_ALPHABET.index(c) + 1 for c in transcript if c in CTC_ALPHABET]
+    return tok.encode(transcript).ids
 
 
 # ---- examples and batches ------------------------------------------------------------------------------
@@ -136,7 +155,7 @@ def make_example(
     frames[: min(len(audio), n * s.frame)] = audio[: n * s.frame]
     with_response = response if instruction == tokenizer.INSTRUCT_RESPOND else None
     prompt = tokenizer.prompt(tok, n, instruction, tokenizer.model_turn(transcript, with_response))
-    return Example(frames.reshape(n, s.frame), prompt, tok.encode(transcript).ids if transcript else [])
+    return Example(frames.reshape(n, s.frame), prompt, ctc_targets(s, tok, transcript))
 
 
 @dataclass
@@ -191,8 +210,18 @@ class Sampler:
     def batch(self, step: int) -> Batch:
         rng = random.Random(f"{self.s.seed}-batch-{step}")
         eligible = np.nonzero(self.seconds <= self.max_seconds(step))[0]
-        picks = [int(eligible[rng.randrange(len(eligible))]) for _ in range(self.s.batch)]
+        pool = self.neighbours(eligible, rng)
+        picks = [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
         return collate([make_example(*self.data[i], self.tok, self.s, rng, train=True) for i in picks])
+
+    def neighbours(self, eligible: np.ndarray, rng: random.Random) -> np.ndarray:
+        """A random run of `bucket` utterances of similar length: padding a batch to its longest
+        member wasted about half of every step when batches mixed lengths."""
+        if self.s.bucket <= 0 or len(eligible) <= self.s.bucket:
+            return eligible
+        by_length = eligible[np.argsort(self.seconds[eligible], kind="stable")]
+        start = rng.randrange(len(by_length) - self.s.bucket + 1)
+        return by_length[start : start + self.s.bucket]
 
 
 # ---- the loss ------------------------------------------------------------------------------------------
@@ -223,7 +252,7 @@ def ctc_loss(head: nn.Linear, hidden: torch.Tensor, batch: Batch) -> torch.Tenso
     idx = batch.audio_index[..., None].expand(-1, -1, hidden.shape[-1])  # (B, N, H)
     logp = head(torch.gather(hidden, 1, idx)).float().log_softmax(-1)  # (B, N, V)
     return F.ctc_loss(logp.transpose(0, 1), batch.ctc_targets, batch.audio_lengths, batch.ctc_lengths,
-                      blank=tokenizer.PAD, zero_infinity=True)  # fmt: skip
+                      blank=0, zero_infinity=True)  # fmt: skip
 
 
 def learning_rate(s: TrainSettings, step: int) -> float:
@@ -314,8 +343,12 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
         return {"step": 0, "best": float("inf")}
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])
-    ctc_head.load_state_dict(state["ctc_head"])
     optimizer.load_state_dict(state["optimizer"])
+    if state["ctc_head"]["weight"].shape == ctc_head.weight.shape:
+        ctc_head.load_state_dict(state["ctc_head"])
+    else:  # the run changed its CTC alphabet: a fresh head, and no stale Adam moments for it
+        for p in ctc_head.parameters():
+            optimizer.state.pop(p, None)
     return {"step": state["step"], "best": state["best"]}
 
 

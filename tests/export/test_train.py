@@ -3,6 +3,7 @@
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,8 +47,31 @@ def test_prefix_target_is_the_completed_words(run_dirs):
         ex = train.make_example(audio, rec, tok, s, random.Random(seed), train=True)
         cut = ex.prompt.n_audio * s.frame / speech.SAMPLE_RATE
         done = [w for w, _, end in rec["words"] if end <= cut]
-        assert tok.decode(ex.ctc) == " ".join(done)
+        assert "".join(train.CTC_ALPHABET[c - 1] for c in ex.ctc) == " ".join(done)
         assert tok.decode(ex.prompt.ids[ex.prompt.target_start : -1]) == " ".join(done)
+
+
+def test_ctc_units_are_characters_or_the_decoder_tokens(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    chars = train.ctc_targets(TINY, tok, "it's two")
+    assert 0 not in chars  # 0 is the blank
+    assert "".join(train.CTC_ALPHABET[c - 1] for c in chars) == "it's two"
+    tokens = train.ctc_targets(replace(TINY, ctc_units="tokens"), tok, "it's two")
+    assert tok.decode(tokens) == "it's two"
+    assert train.ctc_classes(TINY, 300) == len(train.CTC_ALPHABET) + 1
+
+
+def test_batches_draw_length_neighbours(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    sampler = train.Sampler(dataset.Corpus(run_dirs / "data", "train"), tok, settings(run_dirs, bucket=1))
+    sampler.seconds = np.array([1.0, 5.0, 1.1, 4.9, 1.2, 5.1])
+    for seed in range(20):
+        pool = sampler.neighbours(np.arange(6), random.Random(seed))
+        assert len(pool) == 1
+    sampler.s = settings(run_dirs, bucket=3)
+    pools = {tuple(sorted(sampler.neighbours(np.arange(6), random.Random(seed))))
+             for seed in range(40)}  # fmt: skip
+    assert pools == {(0, 2, 4), (2, 3, 4), (1, 3, 4), (1, 3, 5)}  # runs of the length order
 
 
 def test_prompt_format(run_dirs):
@@ -87,6 +111,9 @@ def test_resume_restores_state_and_saves_hf_checkpoint(run_dirs, tmp_path):
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert second.train(until=4) == 4
+    other = train.Trainer(replace(s, ctc_units="tokens"), log=lambda m: None)  # a changed CTC alphabet
+    assert other.state["step"] == 4 and other.ctc_head.out_features == 300
+    assert other.train(until=5) == 5
     save_default.save_default(s.run, tmp_path / "default")
     loaded = checkpoint.load_model(tmp_path / "default")
     assert loaded.cfg.audio_token_id == tokenizer.AUDIO
