@@ -22,11 +22,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from export import plan, quantize, verify
+from export import fuse, plan, quantize, verify
 from export.assistant import Assistant
 from export.checkpoint import CheckpointError, load_assistant, load_model
 from export.model import SLIDING, Gemma4Unified
-from export.wrappers import AudioEmbed, Decoder, Drafter, EmbedTokens, VisionEmbed, past_names
+from export.wrappers import AudioEmbed, Decoder, Drafter, DrafterSteps, EmbedTokens, VisionEmbed, past_names
 from rawwave.errors import RawwaveError
 from rawwave.logs import get_logger
 from rawwave.model_dir import (
@@ -34,6 +34,7 @@ from rawwave.model_dir import (
     RUNTIME_CONFIG_FILE,
     TOKENIZER_FILE,
     DrafterSpec,
+    DraftStepsSpec,
     GraphFiles,
     LayerSpec,
     Manifest,
@@ -53,8 +54,14 @@ from rawwave.model_dir import (
 log = get_logger(__name__)
 
 OPSET = 17
+# Bumped when the exporter writes different graphs from the same checkpoint, so that an existing model
+# directory is re-exported (2: fused norms / GELU, drafter_steps.onnx).
+EXPORT_REVISION = "2"
 TRAINER_FILE = "rawwave_runtime.json"  # optional, in the checkpoint: prompt / streaming / token overrides
 NUM_DRAFT_TOKENS = 4
+# drafter_steps.onnx carries a copy of the target's embedding table; above this size (a real Gemma 4: 2 GB)
+# the copy costs more memory than the saved calls are worth, and only the step graph is written.
+STEPS_MAX_TABLE_BYTES = 256 << 20
 MAX_SOFT_TOKENS = 280  # the Gemma 4 image processor's default soft tokens per image
 # Gemma 4's chat turn around the audio; a trainer that used other pieces writes them to TRAINER_FILE.
 DEFAULT_PROMPT = PromptFormat(
@@ -155,7 +162,7 @@ def up_to_date(out: Path, source: str, dtype: str, quant: str | None) -> Manifes
     except ModelDirError:
         return None
     same = manifest.source_checkpoint_sha256 == source and (rc.dtype, rc.quant) == (dtype, quant)
-    return manifest if same else None
+    return manifest if same and manifest.versions.get("export") == EXPORT_REVISION else None
 
 
 def source_sha256(checkpoint: Path, assistant: Path | None) -> str:
@@ -238,6 +245,9 @@ def _graph_exports(model: Gemma4Unified, drafter: Assistant | None, rc: RuntimeC
         exports[rc.graphs.vision_embed] = lambda path: export_vision_embed(model, path)
     if rc.graphs.drafter:
         exports[rc.graphs.drafter] = lambda path: export_drafter(drafter, model, path)
+    if rc.graphs.drafter_steps:
+        steps = rc.drafter.num_draft_tokens
+        exports[rc.graphs.drafter_steps] = lambda path: export_drafter_steps(drafter, model, path, steps)
     return exports
 
 
@@ -299,29 +309,36 @@ def export_decoder(model: Gemma4Unified, path: Path) -> None:
 
 
 def export_drafter(assistant: Assistant, model: Gemma4Unified, path: Path) -> None:
-    text, dtype = model.cfg.text, _float(model)
-    batch, new, kv_len = 2, 3, 5
-    slide, full = text.last_kv_layer(SLIDING), text.last_kv_layer("full_attention")
-
-    def kv(i: int) -> torch.Tensor:
-        return torch.zeros(batch, text.layer_kv_heads(i), kv_len, text.layer_head_dim(i), dtype=dtype)
-
-    hidden = torch.zeros(batch, new, text.hidden_size, dtype=dtype)
-    args = (
-        hidden,
-        hidden,
-        torch.zeros(batch, new, dtype=torch.long),
-        kv(slide),
-        kv(slide),
-        kv(full),
-        kv(full),
-    )
-    args += (torch.ones(batch, kv_len, dtype=torch.long),)
+    hidden = torch.zeros(2, 3, model.cfg.text.hidden_size, dtype=_float(model))  # batch 2, 3 tokens
+    args = (hidden, hidden, torch.zeros(2, 3, dtype=torch.long), *_shared_kv(model, batch=2, kv_len=5))
     axes = {name: {0: "batch", 1: "sequence"} for name in ["token_embeds", "prev_hidden", "position_ids"]}
     axes.update({name: {0: "batch", 2: "kv_sequence"} for name in Drafter.INPUTS[3:7]})
     axes.update({"attention_mask": {0: "batch", 1: "kv_sequence"}})
     axes.update({name: {0: "batch", 1: "sequence"} for name in Drafter.OUTPUTS})
     _export(Drafter(assistant), args, path, Drafter.INPUTS, Drafter.OUTPUTS, axes, ["attention_mask"])
+
+
+def export_drafter_steps(assistant: Assistant, model: Gemma4Unified, path: Path, steps: int) -> None:
+    hidden = torch.zeros(2, 1, model.cfg.text.hidden_size, dtype=_float(model))  # batch 2, one position
+    token, position = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    args = (token, hidden, position, *_shared_kv(model, batch=2, kv_len=5))
+    names = DrafterSteps.INPUTS
+    axes = {name: {0: "batch"} for name in [*names[:3], *DrafterSteps.OUTPUTS]}
+    axes.update({name: {0: "batch", 2: "kv_sequence"} for name in names[3:7]})
+    axes.update({"attention_mask": {0: "batch", 1: "kv_sequence"}})
+    wrapper = DrafterSteps(assistant, model, steps)
+    _export(wrapper, args, path, names, DrafterSteps.OUTPUTS, axes, ["attention_mask"])
+
+
+def _shared_kv(model: Gemma4Unified, batch: int, kv_len: int) -> tuple[torch.Tensor, ...]:
+    """Example shared KV for the drafter graphs: sliding key, value, full key, value; then a mask."""
+    text, dtype = model.cfg.text, _float(model)
+
+    def kv(i: int) -> torch.Tensor:
+        return torch.zeros(batch, text.layer_kv_heads(i), kv_len, text.layer_head_dim(i), dtype=dtype)
+
+    slide, full = text.last_kv_layer(SLIDING), text.last_kv_layer("full_attention")
+    return kv(slide), kv(slide), kv(full), kv(full), torch.ones(batch, kv_len, dtype=torch.long)
 
 
 def _export(module, args, path: Path, inputs, outputs, axes, optional=()) -> None:
@@ -341,6 +358,8 @@ def _export(module, args, path: Path, inputs, outputs, axes, optional=()) -> Non
         shutil.rmtree(trace_dir)
     for name in optional:
         graph.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 0), np.int64), name))
+    if _float(module) == torch.float32:  # ORT's CPU FastGelu is fp32 only
+        log.debug("export.fused", graph=path.name, **fuse.fuse(graph))
     quantize.save(graph, path)
 
 
@@ -362,6 +381,7 @@ def runtime_config(
         for i in range(text.first_kv_shared_layer)
     ]
     vision = _vision_spec(model) if cfg.vision else None
+    steps = drafter is not None and _steps_fit(model)
     return RuntimeConfig(
         model_type="gemma4_unified",
         dtype=dtype,
@@ -374,11 +394,22 @@ def runtime_config(
         prompt=PromptFormat(**{**DEFAULT_PROMPT.model_dump(), **trainer.get("prompt", {})}),
         streaming=StreamingSpec(**trainer.get("streaming", {})),
         graphs=GraphFiles(
-            vision_embed="vision_embed.onnx" if vision else None, drafter="drafter.onnx" if drafter else None
+            vision_embed="vision_embed.onnx" if vision else None,
+            drafter="drafter.onnx" if drafter else None,
+            drafter_steps="drafter_steps.onnx" if steps else None,
         ),
         vision=vision,
-        drafter=_drafter_spec(model, drafter, trainer) if drafter else None,
+        drafter=_drafter_spec(model, drafter, trainer, steps) if drafter else None,
     )
+
+
+def _steps_fit(model: Gemma4Unified) -> bool:
+    """Whether drafter_steps.onnx is written: its copy of the target's embedding table is small enough."""
+    table = model.language_model.embed_tokens.weight
+    fits = table.numel() * table.element_size() <= STEPS_MAX_TABLE_BYTES
+    if not fits:
+        log.info("export.no_drafter_steps", table_mb=round(table.numel() * table.element_size() / 2**20))
+    return fits
 
 
 def _trainer_overrides(checkpoint: Path) -> dict:
@@ -431,7 +462,7 @@ def _vision_spec(model: Gemma4Unified) -> VisionSpec:
     )
 
 
-def _drafter_spec(model: Gemma4Unified, drafter: Assistant, trainer: dict) -> DrafterSpec:
+def _drafter_spec(model: Gemma4Unified, drafter: Assistant, trainer: dict, steps: bool) -> DrafterSpec:
     text = model.cfg.text
     return DrafterSpec(
         num_draft_tokens=trainer.get("num_draft_tokens", NUM_DRAFT_TOKENS),
@@ -439,6 +470,9 @@ def _drafter_spec(model: Gemma4Unified, drafter: Assistant, trainer: dict) -> Dr
         shared_layers=[text.last_kv_layer(SLIDING), text.last_kv_layer("full_attention")],
         inputs=list(Drafter.INPUTS),
         outputs=list(Drafter.OUTPUTS),
+        steps=DraftStepsSpec(inputs=list(DrafterSteps.INPUTS), outputs=list(DrafterSteps.OUTPUTS))
+        if steps
+        else None,
     )
 
 
@@ -475,6 +509,8 @@ def run_checks(directory: Path, model, drafter, rc: RuntimeConfig, checkpoint: P
     }
     if drafter is not None:
         results["drafter"] = verify.check_drafter(model, drafter, onnx_model, ids)
+    if onnx_model.drafter_steps is not None:
+        results["drafter_steps"] = verify.check_drafter_steps(model, drafter, onnx_model, ids)
     if rc.vision is not None:
         results["vision"] = verify.check_vision(model, onnx_model)
     log.info("export.verified", **{k: v.get("max_abs_diff", True) for k, v in results.items()})
@@ -484,7 +520,7 @@ def run_checks(directory: Path, model, drafter, rc: RuntimeConfig, checkpoint: P
 def _quantize(directory: Path, rc: RuntimeConfig, quant: str, force: bool, checkpoint: Path) -> dict:
     """Quantize the decoder (and drafter) in place, after measuring the quantized decoder against the
     float one; below verify.MIN_AGREEMENT top-1 agreement the export stops unless forced."""
-    names = [rc.graphs.decoder] + ([rc.graphs.drafter] if rc.graphs.drafter else [])
+    names = [rc.graphs.decoder, *(name for name in (rc.graphs.drafter, rc.graphs.drafter_steps) if name)]
     staging = directory / ".quantized"  # same file names, so external-data references stay valid
     staging.mkdir()
     for name in names:
@@ -516,6 +552,7 @@ def _write_manifest(directory: Path, source: str, results: dict) -> Manifest:
     import onnxruntime
 
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    versions["export"] = EXPORT_REVISION
     manifest = Manifest(
         files=files, opset=OPSET, versions=versions, source_checkpoint_sha256=source, verification=results
     )

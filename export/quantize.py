@@ -47,7 +47,9 @@ def _int8(source: Path, target: Path) -> None:
         per_channel=True,
         weight_type=QuantType.QInt8,
         use_external_data_format=_is_large(source),
-        extra_options={"MatMulConstBOnly": True},  # attention's activation-activation MatMuls stay float
+        # attention's activation-activation MatMuls stay float; ORT's fused ops (export/fuse.py) have no
+        # ONNX shape inference, so untyped values default to float
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
 
 

@@ -7,6 +7,8 @@ the exporter then leaves nothing behind. What is checked (fp32 tolerance 1e-3 on
 - audio:        audio_embed chunk by chunk equals all at once, exactly;
 - greedy:       32 greedy tokens after the reference prompt, ORT vs PyTorch, identical;
 - drafter / vision: ORT vs PyTorch on the same inputs;
+- drafter_steps: one call's drafts equal num_draft_tokens step-graph calls exactly, and PyTorch's within
+                tolerance;
 - quantized:    top-1 agreement and logit error of a quantized decoder against the unquantized one.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.assistant import Assistant, shared_kv_from_present
+from export.assistant import Assistant, draft, shared_kv_from_present
 from export.model import Gemma4Unified
 from export.wrappers import past_names
 from rawwave.errors import RawwaveError
@@ -54,6 +56,7 @@ class OrtModel:
         self.audio_embed = session(rc.graphs.audio_embed)
         self.decoder = session(decoder_file or rc.graphs.decoder)
         self.drafter = session(rc.graphs.drafter) if rc.graphs.drafter else None
+        self.drafter_steps = session(rc.graphs.drafter_steps) if rc.graphs.drafter_steps else None
         self.vision = session(rc.graphs.vision_embed) if rc.graphs.vision_embed else None
 
     def embed(self, ids: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
@@ -207,6 +210,44 @@ def check_drafter(model: Gemma4Unified, assistant: Assistant, onnx: OrtModel, id
     )
     _require(diff <= tol, f"drafter differs from PyTorch by {diff:.2e} (allowed {tol:g})")
     return {"max_abs_diff": diff, "top1_equal": bool(logits.argmax(-1) == ref_logits.argmax(-1).numpy())}
+
+
+@torch.no_grad()
+def check_drafter_steps(model: Gemma4Unified, assistant: Assistant, onnx: OrtModel, ids: np.ndarray) -> dict:
+    """A whole draft round in one drafter_steps call against the step graph called once per draft (the
+    drafts must be identical) and against PyTorch's draft() (logits within tolerance)."""
+    embeds = onnx.embed(ids)
+    _, hidden, present = onnx.decode(embeds, 0, onnx.empty_past())
+    spec, last = onnx.rc.drafter, ids.shape[1] - 1
+    shared = [present[2 * i + j] for i in spec.shared_layers for j in (0, 1)]
+    position, token = np.array([[last]]), ids[:, last:]
+    kv = dict(zip(spec.steps.inputs[3:7], shared, strict=True))
+    feed = {"token_ids": token, "prev_hidden": hidden[:, last:], "position_ids": position, **kv}
+    drafts, logits = onnx.drafter_steps.run(None, feed)  # (1, k), (1, k, V)
+    step_kv = dict(zip(spec.inputs[3:7], shared, strict=True))
+    stepped = ort_draft(onnx, step_kv, token, hidden[:, last:], position, spec.num_draft_tokens)
+    got = drafts[0].tolist()
+    _require(got == stepped, f"drafter_steps drafted {got}, the step graph {stepped}")
+    t = torch.from_numpy
+    pairs = [(t(present[i]), t(present[i + 1])) for i in range(0, len(present), 2)]
+    torch_kv = shared_kv_from_present(model.cfg.text, pairs)
+    ref_tokens, ref_logits = draft(
+        assistant, model, t(token), t(hidden[:, last:]), torch_kv, t(position), len(stepped)
+    )
+    diff, tol = _diff(logits, ref_logits.float()), TOLERANCE[onnx.rc.dtype]
+    _require(diff <= tol, f"drafter_steps differs from PyTorch by {diff:.2e} (allowed {tol:g})")
+    return {"max_abs_diff": diff, "drafts": stepped, "torch_equal": ref_tokens[0].tolist() == stepped}
+
+
+def ort_draft(onnx: OrtModel, kv: dict, token: np.ndarray, hidden: np.ndarray, position, n: int) -> list[int]:
+    """Greedy drafts from the step graph, one call per token, as the worker drafts without drafter_steps."""
+    drafts = []
+    for _ in range(n):
+        feed = {"token_embeds": onnx.embed(token), "prev_hidden": hidden, "position_ids": position, **kv}
+        logits, hidden = onnx.drafter.run(None, feed)
+        token = logits[:, -1:].argmax(-1)  # (1, 1)
+        drafts.append(int(token[0, 0]))
+    return drafts
 
 
 @torch.no_grad()

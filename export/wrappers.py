@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.assistant import Assistant
+from export.assistant import Assistant, draft
 from export.model import Gemma4Unified
 
 
@@ -130,4 +130,29 @@ class Drafter(nn.Module):
         return self.assistant.step(token_embeds, prev_hidden, (sk, sv, fk, fv), position_ids, mask)
 
 
-__all__ = ["AudioEmbed", "Decoder", "Drafter", "EmbedTokens", "VisionEmbed", "past_names"]
+class DrafterSteps(nn.Module):
+    """A whole greedy draft round in one call: `steps` Drafter steps unrolled, each token embedded with the
+    target's (tied, scaled) embedding table and chosen by argmax inside the graph, all at the same fixed
+    position (as the reference drafts). The shared KV is read once; masks, RoPE tables and the repeated KV
+    heads are computed once and shared by every step.
+
+    token_ids (B, 1) the target's next token, prev_hidden (B, 1, Hb) its hidden state before it,
+    position_ids (B, 1), shared.* and attention_mask as `Drafter` -> draft_ids (B, steps) int64,
+    draft_logits (B, steps, V).
+    """
+
+    INPUTS = ("token_ids", *Drafter.INPUTS[1:])
+    OUTPUTS = ("draft_ids", "draft_logits")
+
+    def __init__(self, assistant: Assistant, target: Gemma4Unified, steps: int):
+        super().__init__()
+        self.assistant, self.target, self.steps = assistant, target, steps
+
+    def forward(self, token_ids, prev_hidden, position_ids, sk, sv, fk, fv, attention_mask):
+        mask = optional_rows(attention_mask, token_ids.shape[0], fk.shape[2], 1)  # (B, S)
+        shared = (sk, sv, fk, fv)
+        a, t = self.assistant, self.target
+        return draft(a, t, token_ids, prev_hidden, shared, position_ids, self.steps, mask)  # (B,k), (B,k,V)
+
+
+__all__ = ["AudioEmbed", "Decoder", "Drafter", "DrafterSteps", "EmbedTokens", "VisionEmbed", "past_names"]

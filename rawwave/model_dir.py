@@ -12,7 +12,7 @@ Graph I/O (names follow optimum / onnxruntime-genai):
 - decoder:       inputs_embeds [B,T,H], position_ids int64 [B,T], past_key_values.{i}.key/.value
                  [B,kv_heads_i,P,head_dim_i], attention_mask int64 [B,P+T] (optional), num_logits_to_keep
                  int64 [] -> logits [B,K,V], last_hidden_state [B,T,H], present.{i}.key/.value
-- drafter:       see `DrafterSpec`
+- drafter:       see `DrafterSpec`; drafter_steps (optional): see `DraftStepsSpec`
 """
 
 from __future__ import annotations
@@ -82,12 +82,23 @@ class GraphFiles(_Spec):
     decoder: str = "decoder.onnx"
     vision_embed: str | None = None
     drafter: str | None = None
+    drafter_steps: str | None = None  # optional: a whole draft round per call (see `DraftStepsSpec`)
 
 
 class VisionSpec(_Spec):
     patch_size: int
     pooling_kernel_size: int
     max_soft_tokens: int
+    inputs: list[str]
+    outputs: list[str]
+
+
+class DraftStepsSpec(_Spec):
+    """The drafter unrolled for a whole round: token_ids int64 [B,1] (the target's next token),
+    prev_hidden, position_ids and the shared KV as the step graph -> draft_ids int64 [B,num_draft_tokens]
+    (greedy: embedding lookup and argmax inside the graph), draft_logits. Its drafts equal
+    num_draft_tokens calls of the step graph."""
+
     inputs: list[str]
     outputs: list[str]
 
@@ -100,6 +111,7 @@ class DrafterSpec(_Spec):
     shared_layers: list[int]  # target layers whose KV the drafter attends (last sliding, last full)
     inputs: list[str]
     outputs: list[str]
+    steps: DraftStepsSpec | None = None  # set when graphs.drafter_steps is written
 
 
 class RuntimeConfig(_Spec):
@@ -184,7 +196,8 @@ def file_sha256(path: Path) -> str:
 
 def _check_files(model_dir: Path, config: RuntimeConfig) -> None:
     wanted = [TOKENIZER_FILE, config.graphs.embed_tokens, config.graphs.audio_embed, config.graphs.decoder]
-    wanted += [name for name in (config.graphs.vision_embed, config.graphs.drafter) if name]
+    graphs = config.graphs
+    wanted += [name for name in (graphs.vision_embed, graphs.drafter, graphs.drafter_steps) if name]
     missing = [name for name in wanted if not (model_dir / name).is_file()]
     if missing:
         raise ModelDirError(f"model directory {model_dir} is incomplete: missing {', '.join(missing)}")

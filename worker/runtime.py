@@ -210,23 +210,29 @@ def run_bound(
 
 
 class Drafter:
-    """The MTP assistant: one graph call per drafted token, reading the target's last sliding and last
-    full layer KV. Inputs are matched to the graph's names by role (see `DRAFTER_ROLES`)."""
+    """The MTP assistant, reading the target's last sliding and last full layer KV. A whole round in one
+    call of `drafter_steps` when the model directory has it (drafts of the first `count` steps are kept);
+    else, and for short rounds (an adaptive probe), one step-graph call per drafted token. Inputs are
+    matched to the graph's names by role (see `drafter_roles`)."""
 
-    def __init__(self, runtime: Runtime, graph: Graph) -> None:
+    def __init__(self, runtime: Runtime, graph: Graph, steps: Graph | None = None) -> None:
         spec = runtime.config.drafter
         assert spec is not None
-        self.runtime, self.graph, self.spec = runtime, graph, spec
+        self.runtime, self.graph, self.spec, self.steps = runtime, graph, spec, steps
         self.num_draft_tokens = spec.num_draft_tokens
         self.roles = drafter_roles(spec.inputs, spec.outputs)
         self.shared = [runtime.kv_names.index(f"past_key_values.{i}.{kind}")
                        for i in spec.shared_layers for kind in ("key", "value")]  # fmt: skip
+        self.steps_kv = spec.steps.inputs[3:7] if spec.steps else []  # names as DraftStepsSpec orders them
+        self.hidden_type = graph.dtype(self.roles.hidden)
         self.calls = 0
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         """Greedy drafts after `token` (at position ctx.length), starting from the target's hidden state."""
+        if self.steps is not None and 2 * count > self.num_draft_tokens:  # one call beats count > k/2 steps
+            return self._propose_round(ctx, token)[:count]
         kv = {name: ctx.cache.tensors[i] for name, i in zip(self.roles.kv, self.shared, strict=True)}
-        hidden = ctx.hidden[None, None].astype(self.graph.dtype(self.roles.hidden))  # (1, 1, Hb)
+        hidden = ctx.hidden[None, None].astype(self.hidden_type, copy=False)  # (1, 1, Hb)
         position = np.array([[ctx.length]], np.int64)  # (1, 1) fixed for the whole round, as the reference
         drafts: list[int] = []
         for _ in range(count):
@@ -236,12 +242,28 @@ class Drafter:
             drafts.append(token)
         return drafts
 
+    def _propose_round(self, ctx: Context, token: int) -> list[int]:
+        """All num_draft_tokens drafts in one drafter_steps call."""
+        assert self.steps is not None
+        kv = {name: ctx.cache.tensors[i] for name, i in zip(self.steps_kv, self.shared, strict=True)}
+        host = {
+            "token_ids": np.array([[token]], np.int64),  # (1, 1)
+            "prev_hidden": ctx.hidden[None, None].astype(self.hidden_type, copy=False),  # (1, 1, Hb)
+            "position_ids": np.array([[ctx.length]], np.int64),  # (1, 1)
+        }
+        self.calls += 1
+        if self.runtime.device == "cpu":
+            (drafts,) = self.steps.session.run(["draft_ids"], host | kv)
+        else:
+            drafts = run_bound(self.steps, host, kv, set())[0]
+        return [int(t) for t in drafts[0]]  # (k,)
+
     def _step(
         self, embeds: np.ndarray, hidden: np.ndarray, position: np.ndarray, kv: dict[str, Any], length: int
     ):
         roles = self.roles
         host = {
-            roles.embeds: embeds.astype(self.graph.dtype(roles.embeds)),
+            roles.embeds: embeds.astype(self.hidden_type, copy=False),
             roles.hidden: hidden,
             roles.position: position,
         }
@@ -253,6 +275,9 @@ class Drafter:
         else:
             out = dict(zip(self.graph.output_names, run_bound(self.graph, host, kv, set()), strict=True))
         return out[roles.logits], out[roles.next_hidden]
+
+
+STEPS_INPUTS = ("token_ids", "prev_hidden", "position_ids")  # then the 4 shared KV tensors, as the spec lists
 
 
 @dataclass(frozen=True)
@@ -289,11 +314,12 @@ def drafter_roles(inputs: Sequence[str], outputs: Sequence[str]) -> DrafterRoles
 
 
 def _load_drafter(runtime: Runtime, settings: Settings) -> Drafter | None:
-    spec, name = runtime.config.drafter, runtime.config.graphs.drafter
-    assert spec is not None and name is not None
-    graph = Graph(runtime.model_dir / name, settings)
-    check_drafter(runtime.config, graph)
-    return Drafter(runtime, graph)
+    spec, graphs = runtime.config.drafter, runtime.config.graphs
+    assert spec is not None and graphs.drafter is not None
+    graph = Graph(runtime.model_dir / graphs.drafter, settings)
+    steps = Graph(runtime.model_dir / graphs.drafter_steps, settings) if graphs.drafter_steps else None
+    check_drafter(runtime.config, graph, steps)
+    return Drafter(runtime, graph, steps)
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
@@ -348,10 +374,11 @@ def _check_decoder(config: RuntimeConfig, decoder: Graph) -> list[str]:
     return problems
 
 
-def check_drafter(config: RuntimeConfig, graph: Graph) -> None:
+def check_drafter(config: RuntimeConfig, graph: Graph, steps: Graph | None = None) -> None:
     spec = config.drafter
     assert spec is not None
     problems = _expect_names(graph, spec.inputs, spec.outputs)
+    problems += _check_drafter_steps(config, steps)
     unlisted = sorted(set(graph.inputs) - set(spec.inputs))
     if unlisted:
         problems.append(f"{graph.name} takes inputs runtime.json does not list: {unlisted}")
@@ -364,6 +391,23 @@ def check_drafter(config: RuntimeConfig, graph: Graph) -> None:
         drafter_roles(spec.inputs, spec.outputs)
     if problems:
         raise ModelDirError("runtime.json does not match the drafter graph: " + "; ".join(problems))
+
+
+def _check_drafter_steps(config: RuntimeConfig, steps: Graph | None) -> list[str]:
+    drafter = config.drafter
+    spec = drafter.steps if drafter else None
+    if (spec is None) != (steps is None):
+        return ["graphs.drafter_steps and drafter.steps must be given together"]
+    if drafter is None or spec is None or steps is None:
+        return []
+    problems = _expect_names(steps, spec.inputs, spec.outputs)
+    if not problems and (spec.inputs[:3] != list(STEPS_INPUTS) or "draft_ids" not in spec.outputs):
+        problems.append(f"drafter.steps: inputs {spec.inputs[:3]}, outputs {spec.outputs}, "
+                        f"expected {list(STEPS_INPUTS)} and draft_ids")  # fmt: skip
+    if not problems:
+        k = drafter.num_draft_tokens
+        problems += _expect_dim(steps, "draft_ids", -1, k, "drafter.num_draft_tokens", output=True)
+    return problems
 
 
 def _expect_names(graph: Graph, inputs: Sequence[str], outputs: Sequence[str]) -> list[str]:

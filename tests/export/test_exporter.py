@@ -101,6 +101,33 @@ def test_drafter_export_documents_its_io(drafter_dir):
     assert manifest.verification["drafter"]["max_abs_diff"] <= 1e-3
 
 
+def test_drafter_steps_drafts_a_round_in_one_call(drafter_dir):
+    rc, manifest = load_runtime_config(drafter_dir), load_manifest(drafter_dir)
+    assert rc.graphs.drafter_steps == "drafter_steps.onnx" and rc.drafter.steps is not None
+    sess = session(drafter_dir / "drafter_steps.onnx")
+    names = [i.name for i in sess.get_inputs()] + [i.name for i in sess.get_overridable_initializers()]
+    assert names == rc.drafter.steps.inputs
+    assert [o.name for o in sess.get_outputs()] == rc.drafter.steps.outputs
+    checked = manifest.verification["drafter_steps"]
+    assert checked["max_abs_diff"] <= 1e-3 and len(checked["drafts"]) == rc.drafter.num_draft_tokens
+
+
+def test_fp32_graphs_use_fused_norm_and_gelu(drafter_dir):
+    for name in ("decoder.onnx", "drafter.onnx", "drafter_steps.onnx"):
+        ops = [n.op_type for n in onnx.load(drafter_dir / name).graph.node]
+        assert "SimplifiedLayerNormalization" in ops and "FastGelu" in ops, name
+        assert "Pow" not in ops or name == "decoder.onnx", name  # the decoder's weightless v_norm stays
+
+
+def test_no_drafter_steps_when_the_embedding_table_is_too_big(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.exporter.STEPS_MAX_TABLE_BYTES", 1)
+    out = tmp_path / "m"
+    export_model(checkpoints["text"], out, assistant=checkpoints["assistant"])
+    rc = load_runtime_config(out)
+    assert rc.graphs.drafter_steps is None and rc.drafter.steps is None
+    assert not (out / "drafter_steps.onnx").exists() and (out / "drafter.onnx").is_file()
+
+
 # --------------------------------------------------------------------------------------- ORT vs PyTorch
 
 
@@ -151,8 +178,8 @@ def test_quantized_variants_record_agreement(checkpoints, tmp_path, quant, op):
     result = manifest.verification["quantized"]
     assert rc.quant == quant and result["method"] == quant and 0 <= result["top1_agreement"] <= 1
     assert result["tokens"] == 256 and "logit_max_abs_diff" in result
-    ops = {node.op_type for node in onnx.load(out / "decoder.onnx").graph.node}
-    assert op in ops
+    for name in ("decoder.onnx", "drafter.onnx", "drafter_steps.onnx"):
+        assert op in {node.op_type for node in onnx.load(out / name).graph.node}, name
     assert "MatMulInteger" not in {n.op_type for n in onnx.load(out / "audio_embed.onnx").graph.node}
     logits = decode(
         session(out / "decoder.onnx"), rc, np.zeros((1, 3, rc.hidden_size), np.float32), 0, empty_past(rc)

@@ -37,6 +37,26 @@ def test_mtp_on_and_off_give_identical_tokens(drafter_runtime: Runtime) -> None:
           f"acceptance {fast.acceptance:.2f}, {fast.tokens_per_call:.2f} tokens/call")  # fmt: skip
 
 
+def test_one_call_drafts_equal_one_step_at_a_time(drafter_runtime: Runtime) -> None:
+    """drafter_steps (a whole round per call) proposes exactly what the step graph proposes call by call."""
+    drafter = drafter_runtime.drafter
+    assert drafter is not None and drafter.steps is not None
+    k = drafter.num_draft_tokens
+    for seed in range(12):
+        ctx = audio_context(drafter_runtime, seed, frames=4 + 9 * seed)
+        for token in (ctx.next_token, (seed * 37) % drafter_runtime.config.vocab_size):
+            stepped = _step_graph_drafts(drafter, ctx, token, k)
+            assert drafter.propose(ctx, token, k) == stepped, f"seed {seed}, token {token}"
+
+
+def _step_graph_drafts(drafter, ctx: Context, token: int, count: int) -> list[int]:
+    steps, drafter.steps = drafter.steps, None
+    try:
+        return drafter.propose(ctx, token, count)
+    finally:
+        drafter.steps = steps
+
+
 def test_one_token_at_a_time_reference(runtime: Runtime) -> None:
     """generate() equals the most literal greedy loop: argmax, feed, repeat."""
     ctx = audio_context(runtime, 99, frames=12)

@@ -52,6 +52,12 @@ def test_refuses_a_drafter_spec_that_does_not_match(drafter_model_dir: Path, tmp
         Runtime(bad, runtime_settings())
 
 
+def test_refuses_drafter_steps_without_their_spec(drafter_model_dir: Path, tmp_path: Path) -> None:
+    bad = edited_copy(drafter_model_dir, tmp_path, lambda c: c["drafter"].update(steps=None))
+    with pytest.raises(ModelDirError, match="drafter_steps"):
+        Runtime(bad, runtime_settings())
+
+
 def test_cuda_without_the_provider_is_a_clear_error() -> None:
     import onnxruntime as ort
 
