@@ -14,6 +14,7 @@ next round's t0 for free. Each call emits between 1 and k + 1 tokens.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,33 +57,81 @@ class Drafter(Protocol):
         ...
 
 
+class RoundCosts:
+    """Seconds per decoding round by draft length (0..k): a property of the hardware and the graphs, not
+    of the audio, so one table is shared by every session of a drafter. The median of the last WINDOW
+    rounds, trusted from MIN_SAMPLES on: a moving average let one slow first call price a length for
+    hundreds of rounds."""
+
+    WINDOW = 32
+    MIN_SAMPLES = 3
+
+    def __init__(self, num_draft_tokens: int) -> None:
+        self.samples: list[deque[float]] = [deque(maxlen=self.WINDOW) for _ in range(num_draft_tokens + 1)]
+        self.medians = [float("nan")] * (num_draft_tokens + 1)  # kept current: choosing is per round
+
+    def observe(self, drafted: int, seconds: float) -> None:
+        window = self.samples[drafted]
+        window.append(seconds)
+        self.medians[drafted] = sorted(window)[len(window) // 2]
+
+    def unmeasured(self) -> list[int]:
+        return [k for k, s in enumerate(self.samples) if len(s) < self.MIN_SAMPLES]
+
+    def seconds(self, drafted: int) -> float:
+        return self.medians[drafted]
+
+
 class AdaptiveDrafter:
-    """Drafts only while drafting pays (per session): a round with every draft accepted lengthens the next
-    draft by one, up to the drafter's k; a round with none accepted halves it. At zero it probes with one
-    token every PROBE_EVERY rounds. Only speed changes: verification keeps the output exact."""
+    """Drafts as many tokens as maximise expected tokens per second, so speculation never costs speed.
 
-    PROBE_EVERY = 8
+    A round with k drafts emits 1 + a + a^2 + .. + a^k tokens in expectation when each draft is accepted
+    with probability a given the previous one was (estimated per session, with decay), and costs
+    `costs.seconds(k)` (measured; shared). Each draft length is measured once before it is trusted; when
+    no drafting pays, a one-token probe every PROBE_EVERY rounds keeps the acceptance estimate fresh.
+    Only speed changes: verification keeps the output exact."""
 
-    def __init__(self, inner: Drafter) -> None:
+    PROBE_EVERY = 16
+    DECAY = 0.95  # per round, on the acceptance counts: about the last 20 rounds
+
+    def __init__(self, inner: Drafter, costs: RoundCosts | None = None) -> None:
         self.inner = inner
         self.num_draft_tokens = inner.num_draft_tokens
-        self.length = inner.num_draft_tokens
+        shared = getattr(inner, "round_costs", None)  # a runtime drafter carries one table for all sessions
+        self.costs = costs or shared or RoundCosts(inner.num_draft_tokens)
+        self.accepted, self.rejected = 0.0, 0.0
+        self.length = inner.num_draft_tokens  # the last choice
         self.rounds_idle = 0
 
-    def propose(self, ctx: Context, token: int, count: int) -> list[int]:
-        length = self.length
-        if length == 0:
-            self.rounds_idle += 1
-            length = 1 if self.rounds_idle % self.PROBE_EVERY == 0 else 0
-        return self.inner.propose(ctx, token, min(count, length)) if length else []
+    @property
+    def acceptance(self) -> float:
+        """P(a draft is accepted | the previous one was), with a uniform prior."""
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
-        if accepted == drafted:
-            self.length = min(self.num_draft_tokens, self.length + 1)
-        elif accepted == 0:
-            self.length //= 2
+    def choose(self, count: int) -> int:
+        """The draft length for the next round, at most `count`."""
+        unmeasured = [k for k in self.costs.unmeasured() if k <= count]
+        if unmeasured:
+            return unmeasured[-1]
+        a = self.acceptance
+        rates = [sum(a**i for i in range(k + 1)) / self.costs.seconds(k) for k in range(count + 1)]
+        return max(range(count + 1), key=rates.__getitem__)
+
+    def propose(self, ctx: Context, token: int, count: int) -> list[int]:
+        self.length = self.choose(min(count, self.num_draft_tokens))
+        if self.length == 0:
+            self.rounds_idle += 1
+            if self.rounds_idle % self.PROBE_EVERY == 0:
+                self.length = 1
+        return self.inner.propose(ctx, token, self.length) if self.length else []
+
+    def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """A finished round: how many drafts were verified and accepted, and how long it took."""
+        if seconds is not None:
+            self.costs.observe(drafted, seconds)
+        if drafted:
+            self.accepted = self.DECAY * self.accepted + accepted
+            self.rejected = self.DECAY * self.rejected + (accepted < drafted)
 
 
 @dataclass(frozen=True)
@@ -198,6 +247,7 @@ def generate(
     tokens: list[int] = []
     committed, drafts, first_generated = list(forced), list(guess), len(forced)
     while len(tokens) < max_tokens or committed:
+        round_start = time.perf_counter()
         if not committed:
             first = ctx.next_token
             if stop.stops_before(first):
@@ -208,8 +258,9 @@ def generate(
         round_ = verify(target, ctx, committed, drafts)
         guessing = bool(guess) and stats.calls == 0
         _count(stats, round_, len(drafts), guessing)
-        if drafts and not guessing and isinstance(drafter, AdaptiveDrafter):
-            drafter.observe(len(drafts), len(round_.tokens) - round_.committed)
+        if isinstance(drafter, AdaptiveDrafter) and not guessing and len(committed) == 1:
+            seconds = time.perf_counter() - round_start  # a plain round: one committed token + drafts
+            drafter.observe(len(drafts), len(round_.tokens) - round_.committed, seconds)
         kept, stopped = _take(round_, first_generated, stop, tokens)
         ctx = round_.context(target, kept)
         if stopped:

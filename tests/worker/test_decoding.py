@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.worker.toy import ToyDrafter, ToyTarget
-from worker.decoding import AdaptiveDrafter, StopRule, agreeing_prefix, generate, prefill, verify
+from worker.decoding import AdaptiveDrafter, RoundCosts, StopRule, agreeing_prefix, generate, prefill, verify
 
 
 def plain_greedy(target: ToyTarget, prompt: list[int], stop: StopRule, max_tokens: int) -> list[int]:
@@ -134,18 +134,60 @@ def test_prefill_matches_token_by_token() -> None:
     assert np.array_equal(ctx.logits, target.row([1, 2, 3, 4]))
 
 
+class FixedCosts(RoundCosts):
+    """Round costs as given, whatever the clock says: the policy's choices become deterministic."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        super().__init__(len(seconds) - 1)
+        self.given = list(seconds)
+
+    def observe(self, drafted: int, seconds: float) -> None:
+        pass
+
+    def unmeasured(self) -> list[int]:
+        return []
+
+    def seconds(self, drafted: int) -> float:
+        return self.given[drafted]
+
+
+CHEAP_DRAFTS = [1.0, 1.1, 1.2, 1.3, 1.4]  # a round's cost by draft length 0..4
+
+
 def test_adaptive_drafter_backs_off_a_useless_drafter_and_probes() -> None:
     target = ToyTarget(seed=12)
     useless = ToyDrafter(target, num_draft_tokens=4, wrong_every=1)  # always wrong
-    adaptive = AdaptiveDrafter(useless)
+    adaptive = AdaptiveDrafter(useless, FixedCosts(CHEAP_DRAFTS))
     out = generate(target, target.start([1]), StopRule(frozenset()), 60, drafter=adaptive)
     assert out.tokens == plain_greedy(target, [1], StopRule(frozenset()), 60)
-    assert adaptive.length == 0
-    assert 0 < out.stats.drafted < 4 + 2 + 1 + 60 // AdaptiveDrafter.PROBE_EVERY + 1
+    assert adaptive.choose(4) == 0
+    assert 0 < out.stats.drafted < 16 + 60 // AdaptiveDrafter.PROBE_EVERY  # a few rounds, then probes
 
 
 def test_adaptive_drafter_keeps_a_good_drafter_at_full_length() -> None:
     target = ToyTarget(seed=13)
-    adaptive = AdaptiveDrafter(ToyDrafter(target, num_draft_tokens=4, wrong_every=1000))
+    adaptive = AdaptiveDrafter(
+        ToyDrafter(target, num_draft_tokens=4, wrong_every=1000), FixedCosts(CHEAP_DRAFTS)
+    )
     generate(target, target.start([1]), StopRule(frozenset()), 40, drafter=adaptive)
-    assert adaptive.length == 4
+    assert adaptive.choose(4) == 4
+
+
+def test_adaptive_drafter_stops_drafting_when_drafts_cost_more_than_they_save() -> None:
+    target = ToyTarget(seed=14)
+    adaptive = AdaptiveDrafter(ToyDrafter(target, num_draft_tokens=4, wrong_every=1000),
+                               FixedCosts([1.0, 2.5, 4.0, 5.5, 7.0]))  # fmt: skip
+    out = generate(target, target.start([1]), StopRule(frozenset()), 40, drafter=adaptive)
+    assert out.stats.drafted <= 40 // AdaptiveDrafter.PROBE_EVERY  # probes only
+    assert out.stats.accepted == out.stats.drafted
+    assert adaptive.choose(4) == 0  # 1 token per 1.0 s beats at most k + 1 tokens per (1 + 1.5 k) s
+
+
+def test_round_costs_are_measured_before_they_are_trusted() -> None:
+    target = ToyTarget(seed=15)
+    costs = RoundCosts(4)
+    adaptive = AdaptiveDrafter(ToyDrafter(target, num_draft_tokens=4, wrong_every=3), costs)
+    out = generate(target, target.start([1]), StopRule(frozenset()), 30, drafter=adaptive)
+    assert out.tokens == plain_greedy(target, [1], StopRule(frozenset()), 30)
+    assert costs.unmeasured() == []
+    assert all(costs.seconds(k) > 0 for k in range(5))
