@@ -9,6 +9,13 @@ headline counts levels that keep up with p95 word delay (or event lag, when the 
 words) under 1 s. Also: real-time factor (worker
 CPU seconds per audio second, and wall time to `done` per audio second), CPU % and peak RSS of the
 workers (/proc), word delays as in `latency`. Once a level falls behind, larger ones are skipped.
+
+Batching (issue 5): 1, 4, 16 sessions whose whole audio is pushed at once (saturating one worker), on
+two workers started side by side, one with RAWWAVE_BATCHING=0 and one with =1, the levels alternating
+between them (ROUNDS times, order flipped each round, so load on the machine hits both alike). Per
+level: audio seconds processed per wall second (all sessions' audio / time until the last `done`), the
+real-time factor per stream (time from push to its `done` / its audio length), worker CPU per audio
+second, and the events of both runs compared session by session (batching must not change them).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from bench.workload import (
     word_appearances,
 )
 from rawwave.contract import AudioChunk, AudioEnd, SessionAnnounce, new_session_id
-from rawwave.settings import load_settings
+from rawwave.settings import Settings, load_settings
 from rawwave.streams import Streams
 
 SESSION_COUNTS = (1, 2, 4, 8, 16, 32)
@@ -48,6 +55,10 @@ DRAIN_TIMEOUT_S = 30.0  # after the audio: a session not done by then fell behin
 LAG_LIMIT_S = 1.0  # the headline's bar: p95 word delay (or event lag) under this
 LAG_BOUND_S = 3.0  # a level keeps up when every session finishes and no event lags more than this
 SEED = 1
+BATCHING_COUNTS, QUICK_BATCHING_COUNTS = (1, 4, 16), (1, 2)
+ROUNDS, QUICK_ROUNDS = 5, 1
+SATURATED_PAIRS = 3  # sentence pairs per saturating session (about 20 s of audio)
+SATURATED_TIMEOUT_S = 300.0
 
 
 class Session:
@@ -69,6 +80,17 @@ class Session:
         chunks = [self.pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(self.pcm), CHUNK_SAMPLES)]
         for seq, chunk in enumerate(chunks, start=1):
             await asyncio.sleep(max(0.0, self.t0 + seq * CHUNK_S - time.monotonic()))
+            await streams.append_audio(self.id, AudioChunk(seq=seq, pcm=chunk.tobytes()))
+        await streams.append_audio(self.id, AudioEnd(seq=len(chunks) + 1))
+
+    async def push_all(self, streams: Streams) -> None:
+        """The whole audio at once (an upload), not at a mic's pace."""
+        self.t0 = time.monotonic()
+        await streams.announce(
+            SessionAnnounce(session=self.id, source="file", created_ms=int(time.time() * 1000))
+        )
+        chunks = [self.pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(self.pcm), CHUNK_SAMPLES)]
+        for seq, chunk in enumerate(chunks, start=1):
             await streams.append_audio(self.id, AudioChunk(seq=seq, pcm=chunk.tobytes()))
         await streams.append_audio(self.id, AudioEnd(seq=len(chunks) + 1))
 
@@ -104,6 +126,10 @@ def session_audio(spoken: list[Utterance], i: int) -> tuple[np.ndarray, list[tup
     shift = (len(a.pcm) + len(gap)) / SAMPLE_RATE
     pcm = np.concatenate([a.pcm, gap, b.pcm, np.zeros(SAMPLE_RATE, np.int16)])
     return pcm, [*a.words, *[(w, s + shift, e + shift) for w, s, e in b.words]]
+
+
+def saturating_audio(spoken: list[Utterance], i: int) -> np.ndarray:
+    return np.concatenate([session_audio(spoken, SATURATED_PAIRS * i + j)[0] for j in range(SATURATED_PAIRS)])
 
 
 async def measure_level(stack: Stack, spoken: list[Utterance], count: int) -> dict[str, Any]:
@@ -170,6 +196,91 @@ def run_workers(model_dir: Any, workers: int, spoken: list[Utterance], counts: t
     return levels
 
 
+async def measure_saturated(stack: Stack, pcms: list[np.ndarray]) -> dict[str, Any]:
+    """Every session's whole audio pushed at once; until the last `done`."""
+    streams = Streams.connect(load_settings(redis_url=stack.redis_url))
+    sessions = [Session(pcm, [], 0.0) for pcm in pcms]
+    pids = stack.worker_pids
+    cpu0, start = sum(cpu_seconds(p) for p in pids), time.monotonic()
+    await asyncio.gather(*(s.push_all(streams) for s in sessions))
+    await asyncio.gather(*(s.follow(streams, start + SATURATED_TIMEOUT_S) for s in sessions))
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    await streams.close()
+    done = [next((at for at, e in s.events if e["type"] == "done"), None) for s in sessions]
+    finished = [at for at in done if at is not None]
+    wall = max(finished) - start if finished else float("nan")
+    audio = sum(s.seconds for s in sessions)
+    return {
+        "sessions": len(sessions),
+        "all_done": len(finished) == len(sessions),
+        "audio_s": audio,
+        "wall_s": wall,
+        "audio_s_per_wall_s": audio / wall,
+        "rtf_per_stream": stats(
+            [(at - s.t0) / s.seconds for s, at in zip(sessions, done, strict=True) if at is not None]
+        ),
+        "cpu_rtf": cpu / audio,
+        "events": [[{k: v for k, v in e.items() if k != "session"} for _, e in s.events] for s in sessions],
+    }
+
+
+def run_batching(model_dir: Any, spoken: list[Utterance], counts: tuple[int, ...], rounds: int) -> dict:
+    """Batching off and on, on two single-worker stacks kept up side by side, levels alternating."""
+    env = {"RAWWAVE_ORT_INTRA_THREADS": "1", "RAWWAVE_MAX_SESSIONS_PER_WORKER": "32"}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        m: {str(c): [] for c in counts} for m in ("off", "on")
+    }
+    with (
+        Stack(model_dir, **env, RAWWAVE_BATCHING="0") as off,
+        Stack(model_dir, **env, RAWWAVE_BATCHING="1") as on,
+    ):
+        stacks = {"off": off, "on": on}
+        for stack in stacks.values():  # warm-up: first calls allocate
+            asyncio.run(measure_saturated(stack, [saturating_audio(spoken, 0)]))
+        for r in range(rounds):
+            for count in counts:
+                pcms = [saturating_audio(spoken, i) for i in range(count)]
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                    runs[mode][str(count)].append(asyncio.run(measure_saturated(stacks[mode], pcms)))
+                print(f"throughput: batching round {r + 1}, {count} sessions done")
+    return {str(c): _compare(runs["off"][str(c)], runs["on"][str(c)]) for c in counts}
+
+
+def _compare(off: list[dict[str, Any]], on: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over rounds per mode; the on / off ratio of audio seconds per wall second."""
+    from bench.report import median
+
+    def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "all_done": all(x["all_done"] for x in samples),
+            "audio_s": samples[0]["audio_s"],
+            "audio_s_per_wall_s": median([x["audio_s_per_wall_s"] for x in samples]),
+            "rtf_per_stream_p50": median([x["rtf_per_stream"]["p50"] for x in samples]),
+            "rtf_per_stream_max": max(x["rtf_per_stream"]["max"] or 0.0 for x in samples),
+            "cpu_rtf": median([x["cpu_rtf"] for x in samples]),
+            "rounds": [{k: v for k, v in x.items() if k != "events"} for x in samples],
+        }
+
+    same = all(a["events"] == b["events"] for a, b in zip(off, on, strict=True))
+    same = same and all(x["events"] == off[0]["events"] for x in [*off, *on])
+    result = {"off": summary(off), "on": summary(on), "events_identical": same}
+    result["speedup"] = result["on"]["audio_s_per_wall_s"] / result["off"]["audio_s_per_wall_s"]
+    return result
+
+
+def batching_headline(batching: dict[str, Any]) -> str:
+    levels = ", ".join(
+        f"{n}: {r['off']['audio_s_per_wall_s']:.1f} -> {r['on']['audio_s_per_wall_s']:.1f} "
+        f"({r['speedup']:.2f}x; RTF per stream {r['off']['rtf_per_stream_p50']:.2f} -> "
+        f"{r['on']['rtf_per_stream_p50']:.2f})"
+        for n, r in batching.items()
+    )
+    same = all(r["events_identical"] for r in batching.values())
+    return (
+        f"batching, audio-s per wall-s by concurrent sessions (off -> on): {levels}; events identical: {same}"
+    )
+
+
 def best_streams(levels: dict[str, Any], use_words: bool) -> int:
     """The most sessions that kept up with p95 word delay (or lag) under 1 s."""
 
@@ -188,6 +299,8 @@ def main(quick: bool = False) -> int:
     spoken = utterances(4 if quick else 24, seed=SEED)
     load_before = load()
     runs = {str(w): run_workers(model.directory, w, spoken, counts) for w in (1, 2)}
+    batching_counts = QUICK_BATCHING_COUNTS if quick else BATCHING_COUNTS
+    batching = run_batching(model.directory, spoken, batching_counts, QUICK_ROUNDS if quick else ROUNDS)
     levels = [level for run in runs.values() for level in run.values() if "fraction_words_appeared" in level]
     appeared = max((level["fraction_words_appeared"] for level in levels), default=0.0)
     use_words = appeared >= 0.2
@@ -218,6 +331,9 @@ def main(quick: bool = False) -> int:
                     "inference_threads": 2,
                     "max_sessions_per_worker": 32,
                     "headline_metric": metric,
+                    "batching_counts": list(batching_counts),
+                    "batching_rounds": QUICK_ROUNDS if quick else ROUNDS,
+                    "batching_default": Settings.model_fields["batching"].default,
                 },
                 "load_before": load_before,
                 "load_after": load(),
@@ -226,10 +342,12 @@ def main(quick: bool = False) -> int:
                 "best_sessions": best,
                 "most_sessions_lag_bounded": bounded,
                 "streams_per_core": top / cores,
+                "batching": batching,
                 "headline": f"{top / cores:g} concurrent real-time streams per CPU core "
                 f"({top} on {cores} cores; "
                 f"1 worker: {best['1']}, 2 workers: {best['2']}) with {metric} under 1 s; "
-                f"lag stays bounded (< {LAG_BOUND_S:g} s) up to {bounded['1']} / {bounded['2']} sessions",
+                f"lag stays bounded (< {LAG_BOUND_S:g} s) up to {bounded['1']} / {bounded['2']} sessions; "
+                + batching_headline(batching),
             }
         ),
     )

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, help="model directory (default: RAWWAVE_MODEL_DIR)")
     parser.add_argument("--no-mtp", action="store_true", help="decode without the MTP drafter")
     parser.add_argument(
+        "--batching", action="store_true", help="batch concurrent sessions' decoder calls (RAWWAVE_BATCHING)"
+    )
+    parser.add_argument(
         "--max-sessions", type=int, help="sessions at once (default: RAWWAVE_MAX_SESSIONS_PER_WORKER)"
     )
     parser.add_argument(
@@ -46,6 +49,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         updates["model_dir"] = args.model_dir
     if args.no_mtp:
         updates["mtp"] = False
+    if args.batching:
+        updates["batching"] = True
     if args.max_sessions:
         updates["max_sessions_per_worker"] = args.max_sessions
     if args.metrics_port is not None:

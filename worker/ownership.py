@@ -28,6 +28,7 @@ from rawwave.contract import AudioChunk, ContractError, ErrorCode, Event, Sessio
 from rawwave.logs import bind_session, get_logger
 from rawwave.settings import Settings
 from rawwave.streams import TRANSIENT_ERRORS, Backoff, Claim, Streams
+from worker.batcher import Batcher
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
@@ -58,7 +59,9 @@ class Worker:
         self.settings, self.runtime, self.streams, self.metrics = settings, runtime, streams, metrics
         self.name = settings.worker_name
         self.options = StreamingOptions.of(runtime.config, settings)
-        self.pool = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="ort")
+        self.batcher = make_batcher(settings, runtime)
+        threads = settings.max_sessions_per_worker if self.batcher else settings.inference_threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ort")  # batching: one per session
         self.live: dict[bytes, Live] = {}
         self.stopping = asyncio.Event()
         self.slot_free = asyncio.Event()
@@ -83,7 +86,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._beat(draining=True)
             self.pool.shutdown(wait=False, cancel_futures=True)
-        log.info("worker stopped", worker=self.name, sessions_served=self.served)
+        batching = self.batcher.describe() if self.batcher else {}
+        log.info("worker stopped", worker=self.name, sessions_served=self.served, **batching)
 
     async def _claim_until_stopped(self) -> None:
         """The process's error boundary: a failing claim backs off (jittered) and is logged once."""
@@ -289,6 +293,13 @@ class Worker:
         )
         await self.streams.publish(contract.DoneEvent(session=session, seq=seq + 2, t_ms=0))
 
+    def step(self, session: StreamingSession) -> list[Event]:
+        """One session step (in the pool): under the batcher, it counts as a session about to call."""
+        if self.batcher is None:
+            return session.step()
+        with self.batcher.step():
+            return session.step()
+
     async def compute(self, fn: Any, *args: Any) -> Any:
         """Run inference off the event loop, keeping the session's log context."""
         loop = asyncio.get_running_loop()
@@ -326,8 +337,9 @@ class SessionRun:
         return outcome
 
     def _open(self) -> StreamingSession:
+        worker = self.worker
         return StreamingSession(
-            self.worker.runtime, self.worker.options, self.session_id, self.announce.respond
+            worker.runtime, worker.options, self.session_id, self.announce.respond, worker.batcher
         )
 
     async def _pump(self, session: StreamingSession) -> str:
@@ -384,7 +396,7 @@ class SessionRun:
         """Step the session until it needs more audio, publishing as events come."""
         while True:
             start = time.perf_counter()
-            events = await self.worker.compute(session.step)
+            events = await self.worker.compute(self.worker.step, session)
             self.compute_s += time.perf_counter() - start
             if not events:
                 return
@@ -435,6 +447,16 @@ class SessionRun:
     @property
     def _rtf(self) -> float:
         return self.compute_s / self._audio_s if self._audio_s else 0.0
+
+
+def make_batcher(settings: Settings, runtime: Runtime) -> Batcher | None:
+    """The worker's batcher when batching is on (host caches only: the CPU device)."""
+    if not settings.batching:
+        return None
+    if runtime.device != "cpu":
+        log.warning("batching is for the CPU device (caches stay on the GPU): decoding unbatched")
+        return None
+    return Batcher(runtime, settings.batch_lanes, settings.max_batch, settings.batch_window_ms)
 
 
 def _decode_summary(session: StreamingSession) -> dict[str, float]:

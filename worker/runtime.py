@@ -166,6 +166,44 @@ class Runtime:
         logits, hidden, *present = self._run_decoder(feeds, cache)
         return logits[0], hidden[0], KvCache(tuple(present))
 
+    def extend_batch(
+        self, calls: Sequence[tuple[KvCache, int, np.ndarray, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray, KvCache]]:
+        """`extend_embeds` of several independent (cache, length, embeds, keep) calls in one decoder call
+        (host caches only). Pasts are left-padded to the longest and new tokens right-padded to the
+        widest; the attention mask hides padded pasts, right padding is after every real token (causal),
+        and per-row position ids keep each row's positions. Each result equals the call alone up to
+        float rounding (summation order over a longer key axis)."""
+        if len(calls) == 1:
+            return [self.extend_embeds(*calls[0])]
+        lengths = [length for _, length, _, _ in calls]
+        widths = [embeds.shape[0] for _, _, embeds, _ in calls]
+        past, width = max(lengths), max(widths)
+        first_kept = min(w - (keep or w) for w, (*_, keep) in zip(widths, calls, strict=True))
+        feeds = {
+            "inputs_embeds": self._right_padded([embeds for _, _, embeds, _ in calls], width),  # (B, W, H)
+            "position_ids": np.array(lengths, np.int64)[:, None] + np.arange(width),  # (B, W)
+            "attention_mask": (np.arange(past + width) >= past - np.array(lengths)[:, None]).astype(
+                np.int64
+            ),  # (B, P + W): 0 on each row's left padding
+            "num_logits_to_keep": np.array(width - first_kept if first_kept else 0, np.int64),
+        }
+        for i, name in enumerate(self.kv_names):
+            feeds[name] = _left_padded([cache.tensors[i] for cache, *_ in calls], past)  # (B, kvh, P, hd)
+        logits, hidden, *present = self.decoder.session.run(self.decoder.output_names, feeds)
+        out = []
+        for b, (length, steps, (*_, keep)) in enumerate(zip(lengths, widths, calls, strict=True)):
+            rows = logits[b, steps - (keep or steps) - first_kept : steps - first_kept]  # (keep or T, V)
+            kv = (np.ascontiguousarray(t[b : b + 1, :, past - length : past + steps]) for t in present)
+            out.append((rows, hidden[b, :steps], KvCache(tuple(kv))))
+        return out
+
+    def _right_padded(self, embeds: Sequence[np.ndarray], width: int) -> np.ndarray:
+        batch = np.zeros((len(embeds), width, embeds[0].shape[-1]), self.float_type)  # (B, W, H)
+        for b, rows in enumerate(embeds):
+            batch[b, : len(rows)] = rows
+        return batch
+
     def truncate(self, cache: KvCache, length: int) -> KvCache:
         if self.device == "cpu":
             return KvCache(tuple(t[:, :, :length] for t in cache.tensors))
@@ -188,6 +226,15 @@ class Runtime:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+
+def _left_padded(pasts: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """Per-row (1, kvh, L_b, hd) pasts as one (B, kvh, length, hd), each row's positions at the right."""
+    first = pasts[0]
+    batch = np.zeros((len(pasts), first.shape[1], length, first.shape[3]), first.dtype)
+    for b, past in enumerate(pasts):
+        batch[b, :, length - past.shape[2] :] = past[0]
+    return batch
 
 
 def run_bound(

@@ -18,6 +18,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,11 +35,28 @@ from rawwave.contract import (
 )
 from rawwave.model_dir import ModelDirError, RuntimeConfig
 from rawwave.settings import Settings
-from worker.decoding import AdaptiveDrafter, Context, DecodeStats, Generation, StopRule, generate, prefill
+from worker.decoding import (
+    AdaptiveDrafter,
+    Context,
+    DecodeStats,
+    Generation,
+    StopRule,
+    Target,
+    generate,
+    prefill,
+)
 from worker.runtime import Runtime
 
 RESPONSE_STEP_TOKENS = 16  # response tokens per step() call: the event loop publishes in between
 NO_ROW = np.zeros(0, np.float32)  # an audio cache's context: every branch starts with forced tokens
+
+
+class Decoder(Target, Protocol):
+    """What a session's decoder calls go through: the Runtime itself, or a worker.batcher.Batcher."""
+
+    def extend_embeds(
+        self, cache: Any, length: int, embeds: np.ndarray, keep: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -185,10 +203,19 @@ class Response:
 
 
 class StreamingSession:
-    """Feed audio, end the input, and call step() until it returns [] (needs audio) or `done`."""
+    """Feed audio, end the input, and call step() until it returns [] (needs audio) or `done`.
+    Decoder calls go through `decoder` (default: the runtime itself)."""
 
-    def __init__(self, runtime: Runtime, options: StreamingOptions, session_id: str, respond: bool) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: StreamingOptions,
+        session_id: str,
+        respond: bool,
+        decoder: Decoder | None = None,
+    ) -> None:
         self.runtime, self.options, self.session_id, self.respond = runtime, options, session_id, respond
+        self.decoder: Decoder = decoder or runtime
         self.prompt = Prompt.of(runtime, respond)
         self.drafter = AdaptiveDrafter(runtime.drafter) if options.mtp and runtime.drafter else None
         start = runtime.start(self.prompt.prefix)
@@ -283,11 +310,11 @@ class StreamingSession:
     # -- segments ------------------------------------------------------------------------------
 
     def _prefill_pending(self) -> None:
-        seg, runtime = self.segment, self.runtime
+        seg = self.segment
         if seg.fed == seg.frames:
             return
-        embeds = runtime.embed_audio(np.concatenate(seg.audio[seg.fed :]))  # (n, H)
-        _, _, cache = runtime.extend_embeds(seg.cache.cache, seg.cache.length, embeds, keep=1)
+        embeds = self.runtime.embed_audio(np.concatenate(seg.audio[seg.fed :]))  # (n, H)
+        _, _, cache = self.decoder.extend_embeds(seg.cache.cache, seg.cache.length, embeds, keep=1)
         seg.cache = Context(cache, seg.cache.length + len(embeds), NO_ROW, NO_ROW)
         seg.fed = seg.frames
 
@@ -308,7 +335,7 @@ class StreamingSession:
         keep = best_cut(seg.levels, max(1, self.options.interval_frames // 2))
         carried = seg.audio[keep:]
         length = self.prefix.length + keep
-        seg.cache = Context(self.runtime.truncate(seg.cache.cache, length), length, NO_ROW, NO_ROW)
+        seg.cache = Context(self.decoder.truncate(seg.cache.cache, length), length, NO_ROW, NO_ROW)
         seg.audio, seg.levels, seg.fed = seg.audio[:keep], seg.levels[:keep], keep
         events = self._final_events()
         self._new_segment(carried)
@@ -328,7 +355,7 @@ class StreamingSession:
         forced = [*self.prompt.suffix, *seg.stable]
         guess = seg.hypothesis[len(seg.stable) :]
         gen = generate(
-            self.runtime, seg.cache, self.prompt.transcript_stop, budget, self.drafter, forced, guess
+            self.decoder, seg.cache, self.prompt.transcript_stop, budget, self.drafter, forced, guess
         )
         self.stats.add(gen.stats)
         return gen
@@ -368,13 +395,13 @@ class StreamingSession:
         """The response follows the transcript and transcript_end in the same model turn."""
         ended = gen.tokens[len(self.prompt.suffix) + len(transcript) :] == self.prompt.transcript_end
         forced = [] if ended else self.prompt.transcript_end
-        return Response(prefill(self.runtime, gen.ctx, forced) if forced else gen.ctx, t_ms)
+        return Response(prefill(self.decoder, gen.ctx, forced) if forced else gen.ctx, t_ms)
 
     def _continue_response(self) -> list[Event]:
         response, opts = self.response, self.options
         assert response is not None
         budget = min(RESPONSE_STEP_TOKENS, opts.max_response_tokens - len(response.tokens))
-        gen = generate(self.runtime, response.ctx, self.prompt.response_stop, budget, self.drafter)
+        gen = generate(self.decoder, response.ctx, self.prompt.response_stop, budget, self.drafter)
         self.stats.add(gen.stats)
         events = self._deltas(response, gen.tokens)
         response.ctx = gen.ctx

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 COMMON = ("benchmark", "machine", "quick", "headline", "settings", "versions", "load_before", "load_after")
 KEYS = {
     "latency": ("model", "paths", "samples"),
-    "throughput": ("model", "workers", "best_sessions", "streams_per_core", "cores"),
+    "throughput": ("model", "workers", "best_sessions", "streams_per_core", "cores", "batching"),
     "mtp": ("model", "speedup", "acceptance", "identical", "mean_accepted_length", "summary", "samples"),
     "export": ("model", "ort_vs_torch", "quantized", "slice_12b"),
     "peer": ("model", "peer", "splits"),
@@ -65,6 +65,9 @@ def _check(name: str, result: dict[str, Any]) -> None:
     elif name == "throughput":
         assert set(result["workers"]) == {"1", "2"}
         assert result["workers"]["1"]["1"]["all_done"]
+        assert set(result["batching"]) == {"1", "2"}
+        for level in result["batching"].values():
+            assert level["off"]["all_done"] and level["on"]["all_done"] and level["events_identical"]
     elif name == "mtp":
         assert result["identical"] is True  # speculation never changes the output
         assert 0.0 <= result["acceptance"] <= 1.0

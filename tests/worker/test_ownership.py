@@ -50,6 +50,32 @@ async def test_wav_streamed_through_redis_equals_offline_decode(
     assert await streams.pending_count() == 0
 
 
+async def test_concurrent_sessions_batched_publish_their_unbatched_events(
+    streams: Streams, worker_settings: Settings, runtime: Runtime
+) -> None:
+    """With batching on, several sessions of different lengths at once share decoder calls, and each
+    publishes exactly what it publishes decoded alone, unbatched."""
+    settings = load_settings(**{**worker_settings.model_dump(), "batching": True})
+    worker = Worker(settings, runtime, Streams.connect(settings), WorkerMetrics())
+    assert worker.batcher is not None and worker.pool._max_workers == settings.max_sessions_per_worker
+    task = asyncio.create_task(worker.run())
+    talks = [TALK, [("speech", 2.1), ("silence", 0.3)], [("speech", 0.6)], [*TALK, ("speech", 1.4)]]
+    pcms = [read_wav(wav_bytes(speech_like(talk, seed=20 + i))) for i, talk in enumerate(talks)]
+    await asyncio.gather(*(push_session(streams, f"b{i}", pcm) for i, pcm in enumerate(pcms)))
+    for i, pcm in enumerate(pcms):
+        alone = offline_events(runtime, worker.options, f"b{i}", pcm)
+        assert await collect_events(streams, f"b{i}") == alone
+    assert worker.batcher.stats.batched > 0
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+    await worker.streams.close()
+
+
+async def test_batching_is_off_by_default(running_worker: Worker) -> None:
+    assert running_worker.batcher is None
+    assert running_worker.pool._max_workers == running_worker.settings.inference_threads
+
+
 async def test_poison_audio_gets_an_error_and_the_next_session_works(
     streams: Streams, running_worker: Worker, settings: Settings
 ) -> None:
