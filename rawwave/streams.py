@@ -257,10 +257,13 @@ class Streams:
 
     async def release(self, consumer: str, claim: Claim) -> None:
         """Hand a live session back (a draining worker): it stays pending, but looks idle for
-        `reclaim_idle_ms` already, so the next worker's reclaim_idle takes it over at once."""
+        `reclaim_idle_ms` already, so the next worker's reclaim_idle takes it over at once. Its delivery
+        count goes back by one, so the hand-over is not counted against the session: rolling restarts
+        must not dead-letter a healthy session after max_deliveries of them."""
         key = contract.announce_key(claim.partition)
         idle, ids = self.settings.reclaim_idle_ms, [claim.entry_id]
-        await self.redis.xclaim(key, contract.WORKERS_GROUP, consumer, 0, ids, idle=idle, justid=True)
+        await self.redis.xclaim(key, contract.WORKERS_GROUP, consumer, 0, ids, idle=idle,
+                                retrycount=max(0, claim.deliveries - 1), justid=True)  # fmt: skip
 
     async def still_owner(self, consumer: str, claim: Claim) -> bool:
         return await self._owner(contract.announce_key(claim.partition), claim.entry_id) == consumer

@@ -61,6 +61,22 @@ async def test_session_of_a_vanished_owner_is_reclaimed(settings: Settings) -> N
     await fast.close()
 
 
+async def test_handed_back_sessions_are_not_counted_as_deliveries(settings: Settings) -> None:
+    fast = Streams.connect(settings.model_copy(update={"reclaim_idle_ms": 200}))
+    await fast.ensure_groups()
+    await fast.announce(announce("rolling"))
+    owner = "w1"
+    [claim] = await fast.claim_new(owner, block_ms=10)
+    for worker in ("w2", "w3", "w4", "w5", "w6"):  # more rolling restarts than max_deliveries
+        await fast.release(owner, claim)
+        [claim], owner = await fast.reclaim_idle(worker), worker  # at once: it looks idle already
+        assert (claim.session, claim.deliveries) == ("rolling", 1)
+    await asyncio.sleep(0.3)  # its owner dies: that one counts
+    [taken] = await fast.reclaim_idle("w7")
+    assert taken.deliveries == 2
+    await fast.close()
+
+
 async def test_live_owner_keeps_its_claim(settings: Settings) -> None:
     fast = Streams.connect(settings.model_copy(update={"reclaim_idle_ms": 300}))
     await fast.ensure_groups()
