@@ -159,7 +159,15 @@ class ResponseDoneEvent(_Event):
 
 
 ErrorCode = Literal[
-    "bad_audio", "inference_failed", "too_long", "lost", "dead_letter", "shutdown", "internal"
+    "bad_audio",
+    "bad_image",  # the session's image is corrupt, unsupported or too large
+    "no_vision",  # the session has an image, the worker's model takes none
+    "inference_failed",
+    "too_long",
+    "lost",
+    "dead_letter",
+    "shutdown",
+    "internal",
 ]
 
 

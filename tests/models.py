@@ -74,6 +74,40 @@ def build_tiny_checkpoint(path: Path) -> tuple[Path, Path]:
     return checkpoint, assistant_dir
 
 
+def export_vision_model() -> Path:
+    """The tiny random model with vision (no drafter), for the image tests: the default model has none."""
+    from export.exporter import export_model
+
+    checkpoint = build_tiny_vision_checkpoint(ARTIFACTS / "tiny-vision-checkpoint")
+    out = ARTIFACTS / "tiny-vision-model"
+    export_model(checkpoint, out)
+    return out
+
+
+def build_tiny_vision_checkpoint(path: Path) -> Path:
+    """The tiny target with vision and an untied head. Its X/Y position tables get 280 random rows (a
+    zero table would hide a wrong patch position; 280 merged patches is the longest side of an image)."""
+    from dataclasses import replace
+
+    import torch
+
+    from export.checkpoint import save_model
+    from export.exporter import MAX_SOFT_TOKENS
+    from export.model import Gemma4Unified, with_text
+    from export.tiny import tiny_config, write_tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = with_text(tiny_config(vision=True), tie_word_embeddings=False)
+    assert cfg.vision is not None
+    model = Gemma4Unified(replace(cfg, vision=replace(cfg.vision, mm_posemb_size=MAX_SOFT_TOKENS)))
+    assert model.embed_vision is not None
+    with torch.no_grad():
+        model.embed_vision.pos_embedding.normal_()
+    save_model(model, path)
+    write_tiny_tokenizer(path / "tokenizer.json")
+    return path
+
+
 def runtime_settings(**overrides: object) -> Settings:
     """Settings for an in-process Runtime: one ONNX Runtime thread each way."""
     base = {"ort_intra_threads": 1, "ort_inter_threads": 1}

@@ -29,6 +29,7 @@ from rawwave.logs import bind_session, get_logger
 from rawwave.settings import Settings
 from rawwave.streams import TRANSIENT_ERRORS, Backoff, Claim, Streams
 from worker.batcher import Batcher
+from worker.image import ImageError
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
@@ -40,6 +41,7 @@ READ_BLOCK_MS = 500  # longest wait for audio before looking at timeouts again
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 10
 LOST_MESSAGE = "Redis lost this session's data (FLUSHALL or a restart without persistence); push it again"
+LOST_IMAGE = "Redis no longer has this session's image (expired or lost); push it again"
 
 
 class ClaimLost(Exception):
@@ -324,11 +326,14 @@ class SessionRun:
     async def run(self) -> str:
         self.published = await self.streams.last_event_seq(self.session_id)
         self.handled = self.published
-        if self.claim.deliveries > 1:
+        if self.claim.deliveries > 1 or self.published:  # a dead owner's, or one handed over by a drain
             log.info(
                 "replaying reclaimed session", deliveries=self.claim.deliveries, published=self.published
             )
-        session = await self.worker.compute(self._open)
+        try:
+            session = await self.worker.compute(self._open, await self._load_image())
+        except ImageError as e:
+            return await self._refuse(e)
         outcome = await self._pump(session)
         await self.streams.finish(self.claim)
         self._record(session)
@@ -336,11 +341,31 @@ class SessionRun:
                  events=session.seq, replayed=self.published, **_decode_summary(session))  # fmt: skip
         return outcome
 
-    def _open(self) -> StreamingSession:
+    def _open(self, image: bytes | None) -> StreamingSession:
         worker = self.worker
         return StreamingSession(
-            worker.runtime, worker.options, self.session_id, self.announce.respond, worker.batcher
+            worker.runtime, worker.options, self.session_id, self.announce.respond, worker.batcher, image
         )
+
+    async def _load_image(self) -> bytes | None:
+        """The session's image, read from Redis on every delivery (a replay sees the same image)."""
+        if not self.announce.has_image:
+            return None
+        image = await self.streams.load_image(self.session_id)
+        if image is None:
+            raise ImageError(LOST_IMAGE, "lost")
+        return image
+
+    async def _refuse(self, error: ImageError) -> str:
+        """The session cannot start with its image: an error and done as its only events (seq 1 and 2)."""
+        log.warning("session refused", code=error.code, message=str(error))
+        s = self.session_id
+        await self._publish([
+            contract.ErrorEvent(session=s, seq=1, t_ms=0, code=error.code, message=str(error)),
+            contract.DoneEvent(session=s, seq=2, t_ms=0),
+        ])  # fmt: skip
+        await self.streams.finish(self.claim)
+        return error.code
 
     async def _pump(self, session: StreamingSession) -> str:
         """Read audio, compute, publish, until the session is done."""

@@ -85,8 +85,11 @@ class Graph:
     def dtype(self, name: str) -> Any:
         return NUMPY_TYPES.get(self.inputs[name].type, np.float32)
 
+    def takes(self, name: str) -> bool:
+        return name in self.inputs or name in self.optional
+
     def run(self, feeds: dict[str, Any]) -> list[Any]:
-        return self.session.run(self.output_names, {k: v for k, v in feeds.items() if k in self.inputs})
+        return self.session.run(self.output_names, {k: v for k, v in feeds.items() if self.takes(k)})
 
 
 class Runtime:
@@ -109,9 +112,9 @@ class Runtime:
         check_graphs(self.config, self.embed, self.audio, self.decoder)
         self.float_type = self.decoder.dtype("inputs_embeds")
         self.drafter = _load_drafter(self, settings) if graphs.drafter and self.config.drafter else None
-        log.info(
-            "model loaded", model_dir=str(model_dir), device=self.device, drafter=self.drafter is not None
-        )
+        self.vision = _load_vision(self, settings) if graphs.vision_embed and self.config.vision else None
+        log.info("model loaded", model_dir=str(model_dir), device=self.device,
+                 drafter=self.drafter is not None, vision=self.vision is not None)  # fmt: skip
 
     @property
     def num_layers(self) -> int:
@@ -136,15 +139,29 @@ class Runtime:
         frames = pcm.astype(np.float32).reshape(1, -1, self.config.frame_samples) * PCM_SCALE  # (1, N, 640)
         return self.audio.run({"audio_frames": frames})[0][0]  # (N, H)
 
+    def embed_image(self, patches: np.ndarray, patch_xy: np.ndarray) -> np.ndarray:
+        """patches float32 (N, patch_dim) in [0, 1], patch_xy int64 (N, 2) -> image soft tokens (N, H)."""
+        if self.vision is None:
+            raise ModelDirError(f"model {self.model_dir.name} has no vision graph")
+        feeds = {"pixel_patches": patches[None].astype(np.float32, copy=False), "patch_xy": patch_xy[None]}
+        return self.vision.run(feeds)[0][0]  # (N, H)
+
     # -- decoder: a decoding.Target ------------------------------------------------------------
 
     def empty_cache(self) -> KvCache:
         shapes = [(1, layer.kv_heads, 0, layer.head_dim) for layer in self.config.layers for _ in range(2)]
         return KvCache(tuple(self._to_device(np.zeros(s, self.float_type)) for s in shapes))
 
-    def start(self, token_ids: Sequence[int]) -> Context:
-        """A context holding a prompt."""
-        logits, hidden, cache = self.extend(self.empty_cache(), 0, token_ids, keep=1)
+    def start(self, token_ids: Sequence[int], image: np.ndarray | None = None) -> Context:
+        """A context holding a prompt. `image` (N, H) soft tokens take the places of the prompt's N image
+        placeholders, which attend each other both ways on sliding layers (one image group)."""
+        embeds, groups = self.embed_tokens(token_ids), None  # (T, H)
+        if image is not None:
+            placeholders = np.asarray(token_ids) == self.config.tokens.image  # (T,)
+            embeds = embeds.copy()
+            embeds[placeholders] = image
+            groups = np.where(placeholders, 0, -1).astype(np.int64)[None]  # (1, T)
+        logits, hidden, cache = self.extend_embeds(self.empty_cache(), 0, embeds, 1, groups)
         return Context(cache, len(token_ids), logits[-1], hidden[-1])
 
     def extend(
@@ -153,9 +170,10 @@ class Runtime:
         return self.extend_embeds(cache, length, self.embed_tokens(token_ids), keep)
 
     def extend_embeds(
-        self, cache: KvCache, length: int, embeds: np.ndarray, keep: int = 0
+        self, cache: KvCache, length: int, embeds: np.ndarray, keep: int = 0, image_groups: Any = None
     ) -> tuple[np.ndarray, np.ndarray, KvCache]:
-        """Append embeddings (T, H) at positions length..: logits (keep or T, V), hidden (T, H), cache."""
+        """Append embeddings (T, H) at positions length..: logits (keep or T, V), hidden (T, H), cache.
+        image_groups (1, T) int64: each new token's image, -1 elsewhere (fed if the decoder takes it)."""
         steps = embeds.shape[0]
         feeds = {
             "inputs_embeds": embeds[None].astype(self.float_type, copy=False),  # (1, T, H)
@@ -163,6 +181,8 @@ class Runtime:
             "attention_mask": np.ones((1, length + steps), np.int64),  # (1, P + T)
             "num_logits_to_keep": np.array(keep, np.int64),
         }
+        if image_groups is not None:
+            feeds["image_groups"] = image_groups
         logits, hidden, *present = self._run_decoder(feeds, cache)
         return logits[0], hidden[0], KvCache(tuple(present))
 
@@ -243,7 +263,7 @@ def run_bound(
     """One CUDA call through IOBinding: OrtValues stay on the device; the rest come back as numpy."""
     binding = graph.session.io_binding()
     for name, value in host.items():
-        if name in graph.inputs:
+        if graph.takes(name):
             binding.bind_cpu_input(name, value)
     for name, value in device.items():
         binding.bind_ortvalue_input(name, value)
@@ -325,6 +345,7 @@ class Drafter:
         return out[roles.logits], out[roles.next_hidden]
 
 
+VISION_INPUTS = ("pixel_patches", "patch_xy")
 STEPS_INPUTS = ("token_ids", "prev_hidden", "position_ids")  # then the 4 shared KV tensors, as the spec lists
 
 
@@ -368,6 +389,14 @@ def _load_drafter(runtime: Runtime, settings: Settings) -> Drafter | None:
     steps = Graph(runtime.model_dir / graphs.drafter_steps, settings) if graphs.drafter_steps else None
     check_drafter(runtime.config, graph, steps)
     return Drafter(runtime, graph, steps)
+
+
+def _load_vision(runtime: Runtime, settings: Settings) -> Graph:
+    graphs = runtime.config.graphs
+    assert graphs.vision_embed is not None
+    graph = Graph(runtime.model_dir / graphs.vision_embed, settings)
+    check_vision(runtime.config, graph)
+    return graph
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
@@ -439,6 +468,22 @@ def check_drafter(config: RuntimeConfig, graph: Graph, steps: Graph | None = Non
         drafter_roles(spec.inputs, spec.outputs)
     if problems:
         raise ModelDirError("runtime.json does not match the drafter graph: " + "; ".join(problems))
+
+
+def check_vision(config: RuntimeConfig, graph: Graph) -> None:
+    spec, tokens = config.vision, config.tokens
+    assert spec is not None
+    problems = _expect_names(graph, spec.inputs, spec.outputs)
+    if not problems and (spec.inputs, spec.outputs) != (list(VISION_INPUTS), ["image_embeds"]):
+        problems.append(f"vision: {spec.inputs} -> {spec.outputs}, expected {VISION_INPUTS} -> image_embeds")
+    if not problems:
+        patch_dim = (spec.patch_size * spec.pooling_kernel_size) ** 2 * 3
+        problems += _expect_dim(graph, "pixel_patches", -1, patch_dim, "vision.patch_size")
+        problems += _expect_dim(graph, "image_embeds", -1, config.hidden_size, "hidden_size", output=True)
+    if None in (tokens.boi, tokens.eoi, tokens.image):
+        problems.append("tokens.boi, tokens.eoi and tokens.image must be set for a vision graph")
+    if problems:
+        raise ModelDirError("runtime.json does not match the vision graph: " + "; ".join(problems))
 
 
 def _check_drafter_steps(config: RuntimeConfig, steps: Graph | None) -> list[str]:

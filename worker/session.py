@@ -45,9 +45,11 @@ from worker.decoding import (
     generate,
     prefill,
 )
+from worker.image import ImageError, image_patches
 from worker.runtime import Runtime
 
 RESPONSE_STEP_TOKENS = 16  # response tokens per step() call: the event loop publishes in between
+USER_TURN = "<|turn>user\n"  # an image opens the user turn, before the instruction and the audio
 NO_ROW = np.zeros(0, np.float32)  # an audio cache's context: every branch starts with forced tokens
 
 
@@ -108,18 +110,41 @@ class Prompt:
     transcript_end: list[int]
 
     @classmethod
-    def of(cls, runtime: Runtime, respond: bool) -> Prompt:
+    def of(cls, runtime: Runtime, respond: bool, image_tokens: int = 0) -> Prompt:
         p, eos = runtime.config.prompt, frozenset(runtime.config.tokens.eos)
         turn_end = runtime.encode(p.turn_end)
         eos = eos | ({turn_end[0]} if len(turn_end) == 1 else set())
         end = runtime.encode(p.transcript_end)
+        prefix = p.respond_prefix if respond else p.transcribe_prefix
         return cls(
-            prefix=runtime.encode(p.respond_prefix if respond else p.transcribe_prefix),
+            prefix=with_image(runtime, prefix, image_tokens) if image_tokens else runtime.encode(prefix),
             suffix=runtime.encode(p.audio_suffix),
             transcript_stop=StopRule(eos, tuple(end)),
             response_stop=StopRule(eos, tuple(turn_end) if len(turn_end) > 1 else ()),
             transcript_end=end,
         )
+
+
+def with_image(runtime: Runtime, prefix: str, count: int) -> list[int]:
+    """The prefix tokens with an image of `count` soft tokens first in the user turn: what the reference
+    chat template and processor make of user content [image, text, audio] (`<|image>`, count image
+    placeholders, `<image|>`). There the image stays in the prefix that every turn starts from."""
+    head, turn, tail = prefix.partition(USER_TURN)
+    tokens = runtime.config.tokens
+    if not turn or tokens.boi is None or tokens.eoi is None or tokens.image is None:
+        raise ModelDirError(f"no place for an image in the prompt {prefix!r} (no {USER_TURN!r} or image ids)")
+    image = [tokens.boi, *[tokens.image] * count, tokens.eoi]
+    return [*runtime.encode(head + turn), *image, *runtime.encode(tail)]
+
+
+def image_soft_tokens(runtime: Runtime, data: bytes) -> np.ndarray:
+    """A session's image as soft tokens (N, H). ImageError `no_vision` when the model takes no image,
+    `bad_image` when the image is corrupt, unsupported or too large."""
+    if runtime.vision is None or runtime.config.vision is None:
+        message = f"model {runtime.model_dir.name!r} has no vision: it cannot take this session's image"
+        raise ImageError(message, "no_vision")
+    image = image_patches(data, runtime.config.vision)
+    return runtime.embed_image(image.patches, image.xy)  # (N, H)
 
 
 def frame_dbfs(frame: np.ndarray) -> float:
@@ -204,7 +229,8 @@ class Response:
 
 class StreamingSession:
     """Feed audio, end the input, and call step() until it returns [] (needs audio) or `done`.
-    Decoder calls go through `decoder` (default: the runtime itself)."""
+    Decoder calls go through `decoder` (default: the runtime itself). An `image` (encoded bytes) goes
+    into the prompt once, at the start of every turn's user content; ImageError when it cannot."""
 
     def __init__(
         self,
@@ -213,12 +239,14 @@ class StreamingSession:
         session_id: str,
         respond: bool,
         decoder: Decoder | None = None,
+        image: bytes | None = None,
     ) -> None:
         self.runtime, self.options, self.session_id, self.respond = runtime, options, session_id, respond
         self.decoder: Decoder = decoder or runtime
-        self.prompt = Prompt.of(runtime, respond)
+        soft = image_soft_tokens(runtime, image) if image is not None else None  # (N, H)
+        self.prompt = Prompt.of(runtime, respond, 0 if soft is None else len(soft))
         self.drafter = AdaptiveDrafter(runtime.drafter) if options.mtp and runtime.drafter else None
-        start = runtime.start(self.prompt.prefix)
+        start = runtime.start(self.prompt.prefix, soft)
         self.prefix = Context(start.cache, start.length, NO_ROW, NO_ROW)
         self.samples = np.zeros(0, np.int16)  # received, not yet a whole frame
         self.frames: deque[np.ndarray] = deque()  # whole frames waiting for step()

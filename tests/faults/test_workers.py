@@ -109,7 +109,7 @@ async def test_poison_sessions_end_clearly_and_others_complete(stack, procs, fau
     # 2. a malformed announce entry: dead-lettered at once
     await streams.redis.xadd(contract.announce_key(0), {b"v": b"1", b"json": b"{not json"})
     # 3. a crash loop: every worker that claims it dies (as if the input crashed ONNX Runtime)
-    crash = Books(streams, 1, "crash", pace=0)
+    crash = Books(streams, 1, "crash", pace=0.1)  # live for ~20 s: every claimant is caught owning it
     loaded = Books(streams, 12, "load", pace=1.0)
     kills = 0
 
