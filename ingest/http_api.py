@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ingest.audio_files import AudioTooLongError, BadAudioError
 from ingest.file_session import FileSession, open_file_session
+from ingest.images import BadImageError, check_image
 from ingest.state import INGEST_KEY, HttpError, Ingest, check_length, read_capped, seq_param, session_param
 from rawwave.contract import TERMINAL_EVENT_TYPES, Event, event_to_json
 from rawwave.logs import bind_session, get_logger
@@ -41,6 +42,11 @@ async def _open_upload(request: web.Request, ingest: Ingest) -> FileSession:
     """Read and validate the upload, then announce its session."""
     audio, image, name = await _read_upload(request, ingest.settings.max_upload_bytes)
     respond = request.query.get("respond", "") in ("1", "true", "yes")
+    if image is not None:
+        try:
+            check_image(image)
+        except BadImageError as e:
+            raise HttpError(400, str(e), e.code) from e
     try:
         return await open_file_session(
             ingest.streams,

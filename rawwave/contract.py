@@ -54,6 +54,12 @@ def image_key(session: str) -> str:
     return f"rawwave:{{{session}}}:image"
 
 
+# What an image under image_key may be: ingest refuses anything else at upload, the worker again at use.
+MAX_IMAGE_BYTES = 32 << 20  # 32 MiB of encoded image
+MAX_IMAGE_PIXELS = 40_000_000  # 40 megapixels (8000 x 5000), checked before the pixels are decoded
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # Pillow format names
+
+
 def heartbeat_key(worker: str) -> str:
     return f"rawwave:worker:{worker}"
 

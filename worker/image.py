@@ -18,13 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from rawwave.contract import ErrorCode
+from rawwave.contract import IMAGE_FORMATS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ErrorCode
 from rawwave.errors import RawwaveError
 from rawwave.model_dir import VisionSpec
 
-MAX_IMAGE_BYTES = 32 << 20  # 32 MiB of encoded image
-MAX_IMAGE_PIXELS = 40_000_000  # 40 megapixels (8000 x 5000), checked before the pixels are decoded
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what Pillow may decode; anything else is refused
+FORMATS = IMAGE_FORMATS  # what Pillow may decode; anything else is refused
 CUBIC_A = -0.5  # Keys' bicubic kernel, as Pillow and torch's antialiased resize use
 WEIGHT_BITS = 15  # resize weights are int16 fixed point, as torch's uint8 kernel computes them
 

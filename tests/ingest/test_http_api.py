@@ -7,9 +7,11 @@ has its own tests); the end-to-end test with a real worker lives elsewhere.
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
 import aiohttp
+from PIL import Image
 
 from ingest.file_session import open_file_session
 from ingest.sink import SessionAudio
@@ -17,6 +19,15 @@ from rawwave.contract import AudioChunk, AudioEnd, DoneEvent, FinalEvent, Partia
 from rawwave.streams import Streams
 
 from .conftest import Server
+
+
+def tiny_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = tiny_png()
 
 
 async def read_all_audio(streams: Streams, session: str, timeout: float = 10.0) -> list:
@@ -54,13 +65,30 @@ async def test_upload_becomes_an_announced_session_with_chunks_and_end(
 async def test_multipart_upload_with_image(server: Server, streams: Streams, audio_dir: Path) -> None:
     form = aiohttp.FormData()
     form.add_field("audio", (audio_dir / "s.ogg").read_bytes(), filename="talk.ogg")
-    form.add_field("image", b"\x89PNG fake", filename="x.png")
+    form.add_field("image", PNG, filename="x.png")
     async with server.http.post(f"{server.url}/v1/sessions", data=form) as r:
         assert r.status == 201, await r.text()
         session = (await r.json())["session"]
     [announce] = await announced(streams)
-    assert announce.has_image and await streams.load_image(session) == b"\x89PNG fake"
+    assert announce.has_image and await streams.load_image(session) == PNG
     assert (await read_all_audio(streams, session))[-1].reason == "end"
+
+
+async def test_bad_images_are_refused_before_a_session(
+    server: Server, streams: Streams, audio_dir: Path
+) -> None:
+    huge = io.BytesIO()
+    Image.new("L", (9000, 5000)).save(huge, format="PNG")  # 45 megapixels, a small file
+    cases = [(b"\x89PNG fake", "not an image"), (b"hello", "not an image"), (b"", "empty"),
+             (huge.getvalue(), "more than the 40000000 pixels")]  # fmt: skip
+    for image, message in cases:
+        form = aiohttp.FormData()
+        form.add_field("audio", (audio_dir / "s.ogg").read_bytes(), filename="talk.ogg")
+        form.add_field("image", image, filename="x.png")
+        async with server.http.post(f"{server.url}/v1/sessions", data=form) as r:
+            body = await r.json()
+            assert (r.status, body["code"]) == (400, "bad_image") and message in body["error"], body
+    assert await announced(streams) == []
 
 
 async def test_bad_uploads_get_json_errors_and_no_session(
