@@ -100,7 +100,6 @@ class AdaptiveDrafter:
         shared = getattr(inner, "round_costs", None)  # a runtime drafter carries one table for all sessions
         self.costs = costs or shared or RoundCosts(inner.num_draft_tokens)
         self.accepted, self.rejected = 0.0, 0.0
-        self.length = inner.num_draft_tokens  # the last choice
         self.rounds_idle = 0
 
     @property
@@ -118,12 +117,12 @@ class AdaptiveDrafter:
         return max(range(count + 1), key=rates.__getitem__)
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
-        self.length = self.choose(min(count, self.num_draft_tokens))
-        if self.length == 0:
+        length = self.choose(min(count, self.num_draft_tokens))
+        if length == 0:
             self.rounds_idle += 1
             if self.rounds_idle % self.PROBE_EVERY == 0:
-                self.length = 1
-        return self.inner.propose(ctx, token, self.length) if self.length else []
+                length = 1
+        return self.inner.propose(ctx, token, length) if length else []
 
     def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         """A finished round: how many drafts were verified and accepted, and how long it took."""
