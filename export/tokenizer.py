@@ -34,6 +34,7 @@ SPECIAL_TOKENS = [
     "<|video|>",  # 12 video soft token (video_token_id)
 ]
 PAD, EOS, BOS, UNK, TURN_START, TURN_END, BOA, EOA, AUDIO, BOI, EOI, IMAGE, VIDEO = range(len(SPECIAL_TOKENS))
+SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 VOCAB_SIZE = 1024
 
 INSTRUCT_TRANSCRIBE = "Transcribe the audio."
@@ -97,6 +98,16 @@ class Prompt:
     audio_start: int  # index of the first AUDIO placeholder
     n_audio: int
     target_start: int  # first index the model is trained to predict (after "<|turn>model\n")
+    audio_positions: list[int] | None = None  # where the AUDIO placeholders are (None: one contiguous run)
+    trained: list[int] | None = None  # indices the model is trained to predict (None: from target_start on)
+
+    def audio_index(self) -> list[int]:
+        if self.audio_positions is not None:
+            return self.audio_positions
+        return list(range(self.audio_start, self.audio_start + self.n_audio))
+
+    def trained_index(self) -> list[int]:
+        return self.trained if self.trained is not None else list(range(self.target_start, len(self.ids)))
 
 
 def prompt(tok: Tokenizer, n_audio: int, instruction: str, target: str | None) -> Prompt:
@@ -108,6 +119,53 @@ def prompt(tok: Tokenizer, n_audio: int, instruction: str, target: str | None) -
     if target is not None:
         ids += [*tok.encode(target).ids, TURN_END]
     return Prompt(ids, len(user), n_audio, target_start)
+
+
+def user_turn_start(tok: Tokenizer, instruction: str) -> list[int]:
+    return [BOS, TURN_START, *tok.encode("user\n" + instruction).ids]
+
+
+def model_turn_start(tok: Tokenizer) -> list[int]:
+    """Closes the user turn and opens the model's."""
+    return [TURN_END, *tok.encode("\n").ids, TURN_START, *tok.encode("model\n").ids]
+
+
+def chunk_texts(words: list[tuple[str, float]], chunk_seconds: float, n_chunks: int) -> list[str]:
+    """The text after each chunk: the words (text, end time) that end within it, a leading space
+    before all but the first word of the utterance; every word is out by the last chunk."""
+    texts, said = [], 0
+    for k in range(n_chunks):
+        end = (k + 1) * chunk_seconds if k < n_chunks - 1 else float("inf")
+        done = [w for w, t in words[said:] if t <= end]
+        texts.append(("" if said == 0 or not done else " ") + " ".join(done))
+        said += len(done)
+    return texts
+
+
+def interleaved_prompt(
+    tok: Tokenizer, chunk_frames: list[int], texts: list[str], instruction: str, response: str | None
+) -> Prompt:
+    """The interleaved prompt: chunk k's frames, then texts[k]. response: the model turn's text without
+    <turn|> ("" for transcribe-only). Trained: every chunk's text and the `<|audio>` that follows it
+    (the model says "done with this chunk"), and the model turn; not the <turn|> that closes the user
+    turn (the end of audio is the worker's to say, not the model's)."""
+    ids = user_turn_start(tok, instruction)
+    audio, trained = [], []
+    for k, (n, text) in enumerate(zip(chunk_frames, texts, strict=True)):
+        if k:
+            trained.append(len(ids))  # the `<|audio>` after the previous chunk's text
+        ids.append(BOA)
+        audio += range(len(ids), len(ids) + n)
+        ids += [AUDIO] * n + [EOA]
+        words = tok.encode(text).ids if text else []
+        trained += range(len(ids), len(ids) + len(words))
+        ids += words
+    ids += model_turn_start(tok)
+    target_start = len(ids)
+    if response is not None:
+        ids += [*tok.encode(response).ids, TURN_END] if response else [TURN_END]
+        trained += range(target_start, len(ids))
+    return Prompt(ids, audio[0], len(audio), target_start, audio, trained)
 
 
 def model_turn(transcript: str, response: str | None) -> str:

@@ -46,6 +46,9 @@ class TrainSettings:
     intermediate: int = 768
     sliding_window: int = 1024  # > 30 s of 40 ms frames plus the text
     frame: int = 640  # samples per audio soft token (audio_embed_dim); 640 = 40 ms
+    format: str = "branch"  # prompt format (export/tokenizer.py): "branch" or "interleaved"
+    chunk_frames: int = 8  # interleaved: audio frames per chunk (8 x 40 ms = 320 ms)
+    init: str = ""  # a state.pt / best.pt whose weights a fresh run starts from (fresh optimizer)
     # optimization
     batch: int = 48
     lr: float = 2.5e-3
@@ -145,6 +148,8 @@ def make_example(
     instruction = (
         tokenizer.INSTRUCT_RESPOND if rng.random() < s.respond_prob else tokenizer.INSTRUCT_TRANSCRIBE
     )
+    if s.format == "interleaved":
+        return interleaved_example(audio, rec, scale, tok, s, rng)
     if train and rng.random() < s.prefix_prob:
         n = rng.randint(1, n)
         transcript = completed_words(
@@ -155,6 +160,24 @@ def make_example(
     frames[: min(len(audio), n * s.frame)] = audio[: n * s.frame]
     with_response = response if instruction == tokenizer.INSTRUCT_RESPOND else None
     prompt = tokenizer.prompt(tok, n, instruction, tokenizer.model_turn(transcript, with_response))
+    return Example(frames.reshape(n, s.frame), prompt, ctc_targets(s, tok, transcript))
+
+
+def interleaved_example(
+    audio: np.ndarray, rec: dict, scale: float, tok, s: TrainSettings, rng: random.Random
+) -> Example:
+    """The whole utterance in chunks, each chunk's completed words after it; the model turn holds the
+    response when asked for one. (No prefix cuts: every chunk boundary already is one.)"""
+    n = max(1, math.ceil(len(audio) / s.frame))
+    sizes = [min(s.chunk_frames, n - k) for k in range(0, n, s.chunk_frames)]
+    words = [(w, b * scale) for w, _, b in rec["words"]]
+    texts = tokenizer.chunk_texts(words, s.chunk_frames * s.frame / 16000, len(sizes))
+    respond = rng.random() < s.respond_prob
+    instruction = tokenizer.INSTRUCT_RESPOND if respond else tokenizer.INSTRUCT_TRANSCRIBE
+    prompt = tokenizer.interleaved_prompt(tok, sizes, texts, instruction, rec["response"] if respond else "")
+    frames = np.zeros(n * s.frame, np.float32)
+    frames[: len(audio)] = audio
+    transcript = "".join(texts)
     return Example(frames.reshape(n, s.frame), prompt, ctc_targets(s, tok, transcript))
 
 
@@ -178,8 +201,9 @@ def collate(examples: list[Example]) -> Batch:
     for b, e in enumerate(examples):
         p = e.prompt
         ids[b, : len(p.ids)], mask[b, : len(p.ids)] = torch.tensor(p.ids), 1
-        labels[b, p.target_start - 1 : len(p.ids) - 1] = torch.tensor(p.ids[p.target_start :])
-        audio_index[b, : p.n_audio] = torch.arange(p.audio_start, p.audio_start + p.n_audio)
+        trained = torch.tensor(p.trained_index(), dtype=torch.long)
+        labels[b, trained - 1] = torch.tensor(p.ids)[trained]
+        audio_index[b, : p.n_audio] = torch.tensor(p.audio_index())
     return Batch(
         ids,
         mask,
@@ -290,6 +314,33 @@ def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_
     return tok.decode(out)
 
 
+@torch.no_grad()
+def greedy_interleaved(model: Gemma4Unified, tok, frames: np.ndarray, chunk: int, max_words: int = 12) -> str:
+    """The interleaved transcript of one utterance's frames (N, frame): append a chunk, decode its words
+    until the model asks for more audio (`<|audio>`), repeat; as the worker streams it."""
+    ids = tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
+    past, length, out = [], 0, []
+
+    def extend(embeds: torch.Tensor):
+        nonlocal past, length
+        pos = torch.arange(length, length + embeds.shape[1])[None]
+        logits, _, past = model.decode(embeds, pos, past, num_logits_to_keep=1)
+        length += embeds.shape[1]
+        return int(logits[0, -1].argmax())
+
+    extend(model.embed_tokens(torch.tensor([ids])))
+    for k in range(0, len(frames), chunk):
+        audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk])[None])  # (1, C, H)
+        wrap = model.embed_tokens(torch.tensor([[tokenizer.BOA, tokenizer.EOA]]))
+        token = extend(torch.cat([wrap[:, :1], audio, wrap[:, 1:]], 1))
+        for _ in range(max_words):
+            if token in (tokenizer.BOA, tokenizer.TURN_END, tokenizer.EOS):
+                break
+            out.append(token)
+            token = extend(model.embed_tokens(torch.tensor([[token]])))
+    return tok.decode(out).strip()
+
+
 def cer(hyp: str, ref: str) -> float:
     return edit_distance(hyp, ref) / max(1, len(ref))
 
@@ -314,9 +365,11 @@ def evaluate(model, ctc_head, tok, data: Corpus, s: TrainSettings) -> dict:
     errors = []
     for i in range(min(s.eval_cer_count, len(data))):
         audio, rec = data[i]
-        hyp = tokenizer.split_turn(
-            greedy(model, tok, frames_of(audio, s.frame), tokenizer.INSTRUCT_TRANSCRIBE)
-        )[0]
+        frames = frames_of(audio, s.frame)
+        if s.format == "interleaved":
+            hyp = greedy_interleaved(model, tok, frames, s.chunk_frames)
+        else:
+            hyp = tokenizer.split_turn(greedy(model, tok, frames, tokenizer.INSTRUCT_TRANSCRIBE))[0]
         errors.append((edit_distance(hyp, rec["text"]), len(rec["text"])))
     model.train()
     return {"loss": sum(ces) / count, "cer": sum(e for e, _ in errors) / max(1, sum(n for _, n in errors))}
@@ -340,6 +393,11 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
     """Restore the latest state.pt of a run, if any; returns its bookkeeping (step, best)."""
     path = run / "state.pt"
     if not path.exists():
+        if s.init:  # a new run from another run's weights: its own schedule and optimizer
+            start = torch.load(s.init, weights_only=False)
+            model.load_state_dict(start["model"])
+            if start["ctc_head"]["weight"].shape == ctc_head.weight.shape:
+                ctc_head.load_state_dict(start["ctc_head"])
         return {"step": 0, "best": float("inf")}
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])

@@ -125,3 +125,64 @@ def test_training_audio_embedding_matches_the_model():
     frames = torch.randn(7, TINY.frame)
     fast = train.embed_audio_frames(model, frames)
     torch.testing.assert_close(fast, model.embed_audio(frames[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_texts_put_each_word_after_the_chunk_it_ends_in():
+    words = [("turn", 0.30), ("on", 0.33), ("the", 0.70), ("lights", 1.50)]
+    assert tokenizer.chunk_texts(words, 0.32, 3) == ["turn", " on", " the lights"]  # the last takes the rest
+    assert tokenizer.chunk_texts(words, 0.32, 6) == ["turn", " on", " the", "", " lights", ""]
+    assert "".join(tokenizer.chunk_texts(words, 0.32, 6)) == "turn on the lights"
+
+
+def test_interleaved_prompt_trains_the_words_and_the_request_for_audio(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    p = tokenizer.interleaved_prompt(tok, [2, 1], ["two", " plus"], tokenizer.INSTRUCT_RESPOND, "2 + 2 = 4")
+    text = tok.decode(p.ids, skip_special_tokens=False)
+    chunks = "<|audio><|audio|><|audio|><audio|>two<|audio><|audio|><audio|> plus"
+    turns = "<turn|>\n<|turn>model\n2 + 2 = 4<turn|>"
+    assert text == "<bos><|turn>user\n" + tokenizer.INSTRUCT_RESPOND + chunks + turns
+    assert [p.ids[i] for i in p.audio_index()] == [tokenizer.AUDIO] * 3
+    trained = tok.decode([p.ids[i] for i in p.trained_index()], skip_special_tokens=False)
+    assert trained == "two<|audio> plus2 + 2 = 4<turn|>"  # not the <turn|> that ends the audio
+    silent = tokenizer.interleaved_prompt(tok, [2, 2], ["", ""], tokenizer.INSTRUCT_TRANSCRIBE, "")
+    assert [silent.ids[i] for i in silent.trained_index()] == [tokenizer.BOA, tokenizer.TURN_END]
+
+
+def test_interleaved_examples_carry_every_word_once(run_dirs):
+    data = dataset.Corpus(run_dirs / "data", "train")
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    s = settings(run_dirs, format="interleaved", chunk_frames=4, augment_prob=0.0)
+    for i in range(3):
+        audio, rec = data[i]
+        ex = train.make_example(audio, rec, tok, s, random.Random(i), train=True)
+        p = ex.prompt
+        assert p.n_audio == ex.frames.shape[0] == -(-len(audio) // s.frame)
+        user_audio = p.ids[p.ids.index(tokenizer.BOA) : p.target_start - len(tokenizer.model_turn_start(tok))]
+        words = [t for t in user_audio if t not in tokenizer.SPECIAL_IDS]
+        assert tok.decode(words) == rec["text"]
+        assert "".join(train.CTC_ALPHABET[c - 1] for c in ex.ctc) == rec["text"]
+    batch = train.collate(
+        [train.make_example(*data[i], tok, s, random.Random(i), train=True) for i in range(3)]
+    )
+    at_audio = batch.ids.gather(1, batch.audio_index) == tokenizer.AUDIO  # (B, N_max)
+    assert (at_audio.sum(1) == batch.audio_lengths).all()
+
+
+def test_interleaved_run_trains_and_decodes_chunk_by_chunk(run_dirs, tmp_path):
+    s = replace(settings(run_dirs, format="interleaved", eval_every=2), run=str(tmp_path / "run"))
+    for run in ("run", "warm"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "tokenizer.json").write_bytes((run_dirs / "run" / "tokenizer.json").read_bytes())
+    trainer = train.Trainer(s, log=lambda m: None)
+    assert trainer.train(until=2) == 2
+    tok, model = trainer.tok, trainer.model.eval()
+    audio, _ = dataset.Corpus(s.data, "eval-seen")[0]
+    assert isinstance(train.greedy_interleaved(model, tok, train.frames_of(audio, s.frame), 8), str)
+    warm = train.Trainer(replace(s, run=str(tmp_path / "warm"), init=str(tmp_path / "run" / "state.pt")),
+                         log=lambda m: None)  # fmt: skip
+    assert warm.state["step"] == 0
+    for a, b in zip(trainer.model.state_dict().values(), warm.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    save_default.save_default(s.run, tmp_path / "default", "state")
+    overrides = (tmp_path / "default" / "rawwave_runtime.json").read_text()
+    assert '"interleaved"' in overrides and '"chunk_frames": 8' in overrides
