@@ -19,15 +19,16 @@ from bench.report import write_result
 from bench.workload import SAMPLE_RATE, Utterance, finite, load, utterances, versions, wer
 from rawwave.settings import Settings
 from worker.decoding import Context, generate
+from worker.interleaved import open_session
 from worker.runtime import Runtime
-from worker.session import Prompt, StreamingOptions, StreamingSession
+from worker.session import Prompt, StreamingOptions
 
 SEED = 4
 
 
 def rawwave_streaming(runtime: Runtime, options: StreamingOptions, utt: Utterance) -> tuple[str, float]:
     started = time.perf_counter()
-    session = StreamingSession(runtime, options, "bench", respond=False)
+    session = open_session(runtime, options, "bench", False)
     session.feed(utt.pcm.tobytes())
     session.end()
     finals = []

@@ -1,5 +1,5 @@
 """`rawwave eval MODEL_DIR`: held-out evaluation of an exported model directory, decoded exactly as served
-(ONNX Runtime via worker.runtime, one worker.session.StreamingSession per utterance).
+(ONNX Runtime via worker.runtime, one worker session per utterance: worker.interleaved.open_session).
 
 Reports, for the first --limit utterances of "eval-seen" (training voices) and "eval-heldout" (the
 held-out voice family):
@@ -40,6 +40,7 @@ from rawwave.errors import RawwaveError
 from rawwave.model_dir import RUNTIME_CONFIG_FILE
 from rawwave.settings import Settings, load_settings
 from worker.decoding import DecodeStats
+from worker.interleaved import open_session
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
 
@@ -138,7 +139,7 @@ def decode(
     runtime: Runtime, options: StreamingOptions, pcm: bytes, respond: bool, chunk: int | None = None
 ) -> Decoded:
     """One fresh session: the audio fed in `chunk`-byte pieces (None: all at once), then end."""
-    session, out = StreamingSession(runtime, options, "eval", respond), Decoded()
+    session, out = open_session(runtime, options, "eval", respond), Decoded()
     step = chunk or len(pcm) or 1
     for start in range(0, len(pcm), step):
         session.feed(pcm[start : start + step])

@@ -70,6 +70,7 @@ class PromptFormat(_Spec):
 
 class StreamingSpec(_Spec):
     format: Literal["branch", "interleaved"] = "branch"
+    chunk_frames: int = Field(8, ge=1)  # interleaved: audio frames per chunk, as the model was trained
     partial_interval_ms: int = Field(400, ge=40)
     endpoint_silence_ms: int = Field(800, ge=0)  # 0: only the client's end marker ends a turn
     max_audio_s: float = Field(30.0, gt=0)  # longest audio segment the model takes in one turn

@@ -56,6 +56,27 @@ def export_tiny_model() -> Path:
     return out
 
 
+def export_tiny_interleaved_model() -> Path:
+    """The tiny random model and drafter, declared as trained in the interleaved streaming format (its
+    rawwave_runtime.json), so that worker.interleaved runs whatever format the default model has."""
+    import json
+
+    from export.exporter import TRAINER_FILE, export_model
+
+    checkpoint, assistant = build_tiny_checkpoint(ARTIFACTS / "tiny-interleaved-checkpoint")
+    user = "<bos><|turn>user\n"
+    overrides = {
+        "prompt": {"transcribe_prefix": user + "Transcribe the audio.",
+                   "respond_prefix": user + "Transcribe the audio, then respond.",
+                   "audio_suffix": "<turn|>\n<|turn>model\n"},
+        "streaming": {"format": "interleaved", "chunk_frames": 4},
+    }  # fmt: skip
+    (checkpoint / TRAINER_FILE).write_text(json.dumps(overrides))
+    out = ARTIFACTS / "tiny-interleaved-model"
+    export_model(checkpoint, out, assistant)
+    return out
+
+
 def build_tiny_checkpoint(path: Path) -> tuple[Path, Path]:
     """A tiny random target (untied head) and MTP assistant in the HF layout; returns both folders."""
     import torch
@@ -154,9 +175,9 @@ def offline_events(
     runtime: Runtime, options: StreamingOptions, session: str, pcm: bytes, respond: bool = False
 ) -> list[contract.Event]:
     """The whole audio through one fresh worker session at once: the reference a stream must reproduce."""
-    from worker.session import StreamingSession
+    from worker.interleaved import open_session
 
-    s = StreamingSession(runtime, options, session, respond)
+    s = open_session(runtime, options, session, respond)
     s.feed(pcm)
     s.end()
     events: list[contract.Event] = []

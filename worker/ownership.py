@@ -30,6 +30,7 @@ from rawwave.settings import Settings
 from rawwave.streams import TRANSIENT_ERRORS, Backoff, Claim, Streams
 from worker.batcher import Batcher
 from worker.image import ImageError
+from worker.interleaved import open_session
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
@@ -343,7 +344,7 @@ class SessionRun:
 
     def _open(self, image: bytes | None) -> StreamingSession:
         worker = self.worker
-        return StreamingSession(
+        return open_session(
             worker.runtime, worker.options, self.session_id, self.announce.respond, worker.batcher, image
         )
 

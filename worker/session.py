@@ -67,7 +67,9 @@ class StreamingOptions:
 
     frame_samples: int
     frame_ms: float
-    interval_frames: int  # audio frames between partials
+    format: str  # "branch" (worker.session) or "interleaved" (worker.interleaved)
+    chunk_frames: int  # interleaved: audio frames per chunk
+    interval_frames: int  # branch: audio frames between partials
     endpoint_frames: int  # trailing silent frames that end a turn; 0: only the end marker does
     max_frames: int  # longest segment, in frames
     silence_dbfs: float  # a frame quieter than this is silence
@@ -78,8 +80,6 @@ class StreamingOptions:
     @classmethod
     def of(cls, config: RuntimeConfig, settings: Settings) -> StreamingOptions:
         streaming, frame_ms = config.streaming, config.frame_ms
-        if streaming.format != "branch":
-            raise ModelDirError(f"streaming.format {streaming.format!r}: this worker streams 'branch' only")
         interval = settings.partial_interval_ms or streaming.partial_interval_ms
         silence = (
             streaming.endpoint_silence_ms
@@ -89,6 +89,8 @@ class StreamingOptions:
         return cls(
             frame_samples=config.frame_samples,
             frame_ms=frame_ms,
+            format=streaming.format,
+            chunk_frames=streaming.chunk_frames,
             interval_frames=max(1, round(interval / frame_ms)),
             endpoint_frames=round(silence / frame_ms),
             max_frames=max(1, int(streaming.max_audio_s * 1000 / frame_ms)),

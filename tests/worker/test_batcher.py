@@ -13,8 +13,9 @@ import pytest
 from rawwave.contract import Event
 from tests.worker.conftest import offline_events, runtime_settings, speech_like
 from worker.batcher import Batcher
+from worker.interleaved import open_session
 from worker.runtime import KvCache, Runtime
-from worker.session import StreamingOptions, StreamingSession
+from worker.session import StreamingOptions
 
 LOGIT_TOLERANCE = 1e-4  # float rounding of a longer (padded) key axis; measured ~2e-5
 TALKS = [  # utterances of different lengths: pasts differ, so rows are padded differently
@@ -63,7 +64,7 @@ def concurrent_events(
     start = threading.Barrier(len(pcms))
 
     def serve(i: int) -> list[Event]:
-        session = StreamingSession(runtime, options, f"s{i}", respond=i % 2 == 1, decoder=batcher)
+        session = open_session(runtime, options, f"s{i}", respond=i % 2 == 1, decoder=batcher)
         start.wait()
         events: list[Event] = []
         for offset in range(0, len(pcms[i]), 6400):

@@ -1,4 +1,6 @@
-"""The streaming session on the real exported model: chunking invariance, stable prefix, end of turn."""
+"""The branch-scheme streaming session (worker/session.py) on a real exported model: chunking invariance,
+stable prefix, end of turn. The model is the suite's when it streams in the branch format, else the tiny
+random one (tests/worker/test_interleaved.py covers the interleaved scheme)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,20 @@ import itertools
 import pytest
 
 from rawwave.contract import FinalEvent, PartialEvent
+from tests.models import export_tiny_model
 from tests.worker.conftest import chunks, offline_events, runtime_settings, speech_like
+from worker.interleaved import open_session
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
 
 TALK = [("speech", 1.5), ("silence", 1.2), ("speech", 1.3), ("silence", 0.3)]
+
+
+@pytest.fixture(scope="module")
+def runtime(runtime: Runtime) -> Runtime:
+    if runtime.config.streaming.format == "branch":
+        return runtime
+    return Runtime(export_tiny_model(), runtime_settings())
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +34,7 @@ def options(runtime: Runtime) -> StreamingOptions:
 
 
 def streamed(runtime: Runtime, options: StreamingOptions, pcm: bytes, size: int, respond: bool = False):
-    session = StreamingSession(runtime, options, "s1", respond)
+    session = open_session(runtime, options, "s1", respond)
     events = []
     for part in chunks(pcm, size):
         session.feed(part)
