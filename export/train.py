@@ -315,13 +315,23 @@ def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_
 
 
 @torch.no_grad()
-def greedy_interleaved(model: Gemma4Unified, tok, frames: np.ndarray, chunk: int, max_words: int = 12) -> str:
+def greedy_interleaved(
+    model: Gemma4Unified,
+    tok,
+    frames: np.ndarray,
+    chunk: int,
+    max_words: int = 24,
+    prefix: list[int] | None = None,
+    stops: tuple[int, ...] = (tokenizer.TURN_END, tokenizer.EOS),
+) -> str:
     """The interleaved transcript of one utterance's frames (N, frame): append a chunk, decode its words
-    until the model asks for more audio (`<|audio>`), repeat; as the worker streams it."""
-    ids = tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
+    until the model asks for more audio (`<|audio>`), repeat; as worker/interleaved.py streams it.
+    prefix: the user turn's start (default: ours, transcribe)."""
+    cfg = model.cfg
+    ids = prefix if prefix is not None else tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
     past, length, out = [], 0, []
 
-    def extend(embeds: torch.Tensor):
+    def extend(embeds: torch.Tensor) -> int:
         nonlocal past, length
         pos = torch.arange(length, length + embeds.shape[1])[None]
         logits, _, past = model.decode(embeds, pos, past, num_logits_to_keep=1)
@@ -331,14 +341,14 @@ def greedy_interleaved(model: Gemma4Unified, tok, frames: np.ndarray, chunk: int
     extend(model.embed_tokens(torch.tensor([ids])))
     for k in range(0, len(frames), chunk):
         audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk])[None])  # (1, C, H)
-        wrap = model.embed_tokens(torch.tensor([[tokenizer.BOA, tokenizer.EOA]]))
+        wrap = model.embed_tokens(torch.tensor([[cfg.boa_token_id, cfg.eoa_token_index]]))
         token = extend(torch.cat([wrap[:, :1], audio, wrap[:, 1:]], 1))
         for _ in range(max_words):
-            if token in (tokenizer.BOA, tokenizer.TURN_END, tokenizer.EOS):
+            if token == cfg.boa_token_id or token in stops:
                 break
             out.append(token)
             token = extend(model.embed_tokens(torch.tensor([[token]])))
-    return tok.decode(out).strip()
+    return tok.decode(out)
 
 
 def cer(hyp: str, ref: str) -> float:
@@ -367,7 +377,7 @@ def evaluate(model, ctc_head, tok, data: Corpus, s: TrainSettings) -> dict:
         audio, rec = data[i]
         frames = frames_of(audio, s.frame)
         if s.format == "interleaved":
-            hyp = greedy_interleaved(model, tok, frames, s.chunk_frames)
+            hyp = greedy_interleaved(model, tok, frames, s.chunk_frames).strip()
         else:
             hyp = tokenizer.split_turn(greedy(model, tok, frames, tokenizer.INSTRUCT_TRANSCRIBE))[0]
         errors.append((edit_distance(hyp, rec["text"]), len(rec["text"])))

@@ -1,8 +1,10 @@
 """Training the MTP drafter (gemma4_unified_assistant) after the target, on the target's own greedy outputs.
 
 Three stages, each resumable under --run (default runs/drafter, git-ignored):
-1. sequences: corpus utterances in the branch prompt (export/tokenizer.py), decoded greedily by the frozen
-   target (KV cache, fp32, left-padded batches) -> prompt + the model turn the target itself writes.
+1. sequences: corpus utterances in the target's prompt format (export/tokenizer.py), decoded greedily by
+   the frozen target (KV cache, fp32, left-padded batches) -> the prompt + what the target itself writes:
+   the model turn (branch format), or each chunk's words and the response (interleaved format, chunk by
+   chunk in lockstep as worker/interleaved.py streams it).
 2. training: the worker's drafting convention (worker/decoding.py, worker/runtime.Drafter.propose), for
    every model-turn position p of a sequence x with the target's normed hidden states h and present KV:
 
@@ -10,7 +12,8 @@ Three stages, each resumable under --run (default runs/drafter, git-ignored):
        step j:  assistant(embed(x[p+j-1]),  next_hidden of step j-1, position p, same KV)          -> x[p+j]
 
    All positions of a batch of sequences run in parallel, each query with its own mask (keys < p).
-   Cross entropy against the target's greedy tokens, step j weighted STEP_DECAY ** (j - 1).
+   Cross entropy against the target's greedy tokens, step j weighted STEP_DECAY ** (j - 1), while the
+   target wrote x[p + 1] .. x[p + j] (a chunk's words end where the model asked for audio).
 3. measurement: export target + assistant (export.exporter), then the worker's own speculative decoding
    (worker/decoding.generate through worker/runtime's ONNX sessions) against plain greedy.
 
@@ -36,10 +39,12 @@ from export import tokenizer
 from export.assistant import Assistant, AssistantConfig, shared_kv_from_present
 from export.checkpoint import load_model, save_assistant
 from export.dataset import Corpus, stamped
+from export.exporter import TRAINER_FILE
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
 from export.train import save_atomically, save_state, warmup_cosine
 
 STEP_DECAY = 0.7  # loss weight of draft step j: STEP_DECAY ** (j - 1)
+CHUNK_MAX_TOKENS = 24  # as worker/interleaved.py
 STOPS = (tokenizer.TURN_END, tokenizer.EOS)
 
 
@@ -120,16 +125,46 @@ def build_assistant(cfg: AssistantConfig, target: Gemma4Unified, seed: int) -> A
 
 @dataclass
 class Sequence:
-    ids: list[int]  # prompt (AUDIO placeholders) + the target's greedy model turn, its stop token included
+    ids: list[int]  # prompt (AUDIO placeholders) + what the target wrote, a model turn's stop token included
     start: int  # first model-turn index
     frames: np.ndarray  # (N, frame) float32
+    written: list[bool] | None = None  # per id: the target wrote it (None: every id from start on)
+    respond: bool = False  # interleaved: the target writes a response after the turn closes
+
+    def written_mask(self) -> list[bool]:
+        if self.written is not None:
+            return self.written
+        return [i >= self.start for i in range(len(self.ids))]
 
 
-def utterance_prompt(tok, audio: np.ndarray, frame: int, s: DrafterSettings, rng: random.Random) -> Sequence:
-    """The open prompt for one utterance: respond or transcribe, sometimes an audio prefix only."""
+@dataclass(frozen=True)
+class StreamFormat:
+    """How the target streams (its checkpoint's rawwave_runtime.json, else Gemma's branch format)."""
+
+    interleaved: bool = False
+    chunk_frames: int = 8
+
+    @classmethod
+    def of(cls, checkpoint: str | Path) -> StreamFormat:
+        file = Path(checkpoint) / TRAINER_FILE
+        streaming = json.loads(file.read_text()).get("streaming", {}) if file.is_file() else {}
+        return cls(streaming.get("format") == "interleaved", streaming.get("chunk_frames", 8))
+
+
+def utterance_prompt(
+    tok, audio: np.ndarray, frame: int, s: DrafterSettings, rng: random.Random, interleaved: bool = False
+) -> Sequence:
+    """The open prompt for one utterance: respond or transcribe, sometimes an audio prefix only (branch
+    format: the worker's partials). Interleaved: the user turn's start, the chunks come as it is written."""
     n = max(1, math.ceil(len(audio) / frame))
     respond = rng.random() < s.respond_prob
     instruction = tokenizer.INSTRUCT_RESPOND if respond else tokenizer.INSTRUCT_TRANSCRIBE
+    if interleaved:
+        padded = np.zeros(n * frame, np.float32)
+        padded[: len(audio)] = audio
+        return Sequence(
+            tokenizer.user_turn_start(tok, instruction), 0, padded.reshape(n, frame), None, respond
+        )
     if rng.random() < s.prefix_prob:
         n, instruction = rng.randint(1, n), tokenizer.INSTRUCT_TRANSCRIBE
     padded = np.zeros(n * frame, np.float32)
@@ -138,10 +173,12 @@ def utterance_prompt(tok, audio: np.ndarray, frame: int, s: DrafterSettings, rng
     return Sequence(p.ids, p.target_start, padded.reshape(n, frame))
 
 
-def prompts(s: DrafterSettings, tok, data: Corpus, count: int, frame: int, seed: str) -> list[Sequence]:
+def prompts(
+    s: DrafterSettings, tok, data: Corpus, count: int, frame: int, seed: str, interleaved: bool = False
+) -> list[Sequence]:
     rng = random.Random(f"{s.seed}-{seed}")
     picks = rng.sample(range(len(data)), min(count, len(data)))
-    return [utterance_prompt(tok, data[i][0], frame, s, rng) for i in picks]
+    return [utterance_prompt(tok, data[i][0], frame, s, rng, interleaved) for i in picks]
 
 
 @torch.no_grad()
@@ -175,16 +212,116 @@ def greedy_batch(model: Gemma4Unified, seqs: list[Sequence], max_tokens: int) ->
     return out
 
 
-def decode_all(model: Gemma4Unified, seqs: list[Sequence], s: DrafterSettings, log) -> list[Sequence]:
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))  # similar lengths pad little
+def decode_all(
+    model: Gemma4Unified, seqs: list[Sequence], s: DrafterSettings, log, tok=None, stream=None
+) -> list[Sequence]:
+    """What the target writes for each prompt, in place. tok and stream: for an interleaved target."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].frames))  # similar lengths pad little
     t0 = time.time()
     for k in range(0, len(order), s.gen_batch):
         chunk = [seqs[i] for i in order[k : k + s.gen_batch]]
+        if stream is not None and stream.interleaved:
+            Lockstep(model, tok, chunk).write(stream.chunk_frames, s.max_tokens)
+            continue
         for q, turn in zip(chunk, greedy_batch(model, chunk, s.max_tokens), strict=True):
             q.ids = q.ids + turn
         if (k // s.gen_batch) % 10 == 0:
             log(f"sequences: {k + len(chunk)}/{len(seqs)} decoded, {time.time() - t0:.0f} s")
     return seqs
+
+
+class Lockstep:
+    """Interleaved sequences written by the target, a batch at a time: every row's next chunk (or word)
+    goes into one decoder call, rows of different lengths masked apart (each at its own positions).
+    On entry a sequence's ids are its user turn's start (the instruction)."""
+
+    def __init__(self, model: Gemma4Unified, tok, seqs: list[Sequence]) -> None:
+        self.model, self.seqs = model, seqs
+        self.turn = tokenizer.model_turn_start(tok)
+        B = len(seqs)
+        self.past: list = []
+        self.mask = torch.zeros(B, 0, dtype=torch.long)
+        self.length = torch.zeros(B, dtype=torch.long)  # real positions per row
+        self.logits = torch.zeros(B, model.cfg.text.vocab_size)
+        for q in seqs:
+            q.written = [False] * len(q.ids)
+        self.feed([model.embed_tokens(torch.tensor(q.ids)) for q in seqs])
+
+    def feed(self, rows: list[torch.Tensor | None]) -> None:
+        """Append each row's embeddings (n_b, H) (None: nothing), left-padded so that every row's last
+        real position is the call's last column."""
+        B, T = len(rows), max(0 if r is None else len(r) for r in rows)
+        embeds = torch.zeros(B, T, self.model.cfg.text.hidden_size)
+        new_mask = torch.zeros(B, T, dtype=torch.long)
+        positions = self.length[:, None].expand(B, T).clone()
+        for b, r in enumerate(rows):
+            if r is not None and len(r):
+                embeds[b, T - len(r) :], new_mask[b, T - len(r) :] = r, 1
+                positions[b, T - len(r) :] = self.length[b] + torch.arange(len(r))
+        self.mask = torch.cat([self.mask, new_mask], 1)
+        logits, _, self.past = self.model.decode(
+            embeds, positions, self.past, attention_mask=self.mask, num_logits_to_keep=1
+        )
+        fed = new_mask.sum(1)  # (B,)
+        self.logits = torch.where((fed > 0)[:, None], logits[:, -1], self.logits)
+        self.length += fed
+
+    def write(self, chunk: int, max_tokens: int) -> None:
+        n_chunks = max(-(-len(q.frames) // chunk) for q in self.seqs)
+        for k in range(n_chunks):
+            rows = [self.chunk(q, q.frames[k * chunk : (k + 1) * chunk]) for q in self.seqs]
+            self.feed(rows)
+            self.generate(
+                [r is not None for r in rows], CHUNK_MAX_TOKENS, (tokenizer.BOA, *STOPS), (tokenizer.BOA,)
+            )
+        for (
+            q
+        ) in self.seqs:  # the turn closes after the last chunk's words: the worker never feeds that <|audio>
+            if q.ids[-1] == tokenizer.BOA and q.written[-1]:
+                q.ids.pop()
+                q.written.pop()
+            q.ids += self.turn
+            q.written += [False] * len(self.turn)
+            q.start = len(q.ids)
+        self.feed([self.model.embed_tokens(torch.tensor(self.turn)) for _ in self.seqs])
+        self.generate([q.respond for q in self.seqs], max_tokens, STOPS, STOPS)
+
+    def chunk(self, q: Sequence, frames: np.ndarray) -> torch.Tensor | None:
+        """A row's next chunk as ids (its <|audio> may be the target's own stop) and embeddings."""
+        if not len(frames):
+            return None
+        if q.ids[-1] != tokenizer.BOA:
+            q.ids.append(tokenizer.BOA)
+            q.written.append(False)
+        q.ids += [tokenizer.AUDIO] * len(frames) + [tokenizer.EOA]
+        q.written += [False] * (len(frames) + 1)
+        audio = self.model.embed_audio(torch.from_numpy(frames)[None])[0]  # (n, H)
+        wrap = self.model.embed_tokens(torch.tensor([tokenizer.BOA, tokenizer.EOA]))  # (2, H)
+        return torch.cat([wrap[:1], audio, wrap[1:]])
+
+    def generate(
+        self, active: list[bool], budget: int, stops: tuple[int, ...], kept: tuple[int, ...]
+    ) -> None:
+        """Greedy tokens for the active rows until each writes a stop or the budget ends. Stops in `kept`
+        stay in the ids (a drafter may guess them): a chunk's <|audio> (the worker feeds it next anyway) and
+        the end of the model turn; not an <eos> after a chunk's words (the worker never feeds it)."""
+        active = list(active)
+        for _ in range(budget):
+            if not any(active):
+                return
+            tokens = self.logits.argmax(-1).tolist()  # (B,)
+            rows: list[torch.Tensor | None] = []
+            for b, q in enumerate(self.seqs):
+                token, stop = tokens[b], tokens[b] in stops
+                if active[b] and (not stop or token in kept):
+                    q.ids.append(token)
+                    q.written.append(True)
+                rows.append(
+                    self.model.embed_tokens(torch.tensor([token])) if active[b] and not stop else None
+                )
+                active[b] = active[b] and not stop
+            if any(r is not None for r in rows):
+                self.feed(rows)
 
 
 # ---- the target's state along a sequence ---------------------------------------------------------------
@@ -195,7 +332,7 @@ class Features:
     """Teacher-forced target state of one sequence, what the worker's context holds at each position."""
 
     ids: torch.Tensor  # (L,) long
-    start: int
+    written: torch.Tensor  # (L,) bool: the target wrote this token
     hidden: torch.Tensor  # (L, Hb) normed last hidden state
     kv: tuple[torch.Tensor, ...]  # (sliding_k, sliding_v, full_k, full_v), (kvh, L, hd) each
 
@@ -218,7 +355,8 @@ def target_features(model: Gemma4Unified, seqs: list[Sequence], batch: int = 16)
         for b, q in enumerate(chunk):
             n = len(q.ids)
             kv = tuple(t[b, :, :n].clone() for t in shared)
-            out.append(Features(ids[b, :n].clone(), q.start, hidden[b, :n].clone(), kv))
+            written = torch.tensor(q.written_mask(), dtype=torch.bool)
+            out.append(Features(ids[b, :n].clone(), written, hidden[b, :n].clone(), kv))
     return out
 
 
@@ -227,30 +365,42 @@ def target_features(model: Gemma4Unified, seqs: list[Sequence], batch: int = 16)
 
 @dataclass
 class Queries:
-    """Every model-turn position p of a batch (B sequences, Q = the longest turn), padded."""
+    """Every position p of a batch (B sequences, Q = the most of one) where the target wrote x[p] and
+    x[p + 1], padded."""
 
-    ids: torch.Tensor  # (B, Q + depth) tokens x[p], x[p+1], ... of query row 0 onward
+    ids: torch.Tensor  # (B, Q, depth + 1) x[p], x[p+1], .. x[p+depth]
+    valid: torch.Tensor  # (B, Q, depth + 1) bool: the target wrote x[p] .. x[p+j]
     hidden: torch.Tensor  # (B, Q, Hb) h[p - 1]
     positions: torch.Tensor  # (B, Q) p
-    length: torch.Tensor  # (B, 1) sequence length L
     kv: tuple[torch.Tensor, ...]  # 4 x (B, kvh, S, hd), S the longest sequence, zero-padded
+
+
+def query_positions(f: Features) -> torch.Tensor:
+    written = f.written
+    return torch.nonzero(written[1:-1] & written[2:]).flatten() + 1  # p >= 1 with x[p], x[p+1] written
 
 
 def collate(feats: list[Features], depth: int) -> Queries:
     B, S = len(feats), max(len(f.ids) for f in feats)
-    Q = max(len(f.ids) - f.start - 1 for f in feats)
-    ids = torch.full((B, Q + depth), tokenizer.PAD)
+    queries = [query_positions(f) for f in feats]
+    Q = max(1, max(len(q) for q in queries))
+    ids = torch.full((B, Q, depth + 1), tokenizer.PAD)
+    valid = torch.zeros(B, Q, depth + 1, dtype=torch.bool)
     hidden = torch.zeros(B, Q, feats[0].hidden.shape[-1])
+    positions = torch.ones(B, Q, dtype=torch.long)  # padding queries see one key: finite, and unused
     kv = [torch.zeros(B, t.shape[0], S, t.shape[2]) for t in feats[0].kv]
-    for b, f in enumerate(feats):
-        turn = f.ids[f.start :]  # (L - start,)
-        ids[b, : len(turn)] = turn
-        hidden[b, : len(turn) - 1] = f.hidden[f.start - 1 : len(f.ids) - 2]
+    for b, (f, qp) in enumerate(zip(feats, queries, strict=True)):
+        n, L = len(qp), len(f.ids)
+        at = qp[:, None] + torch.arange(depth + 1)[None]  # (n, depth + 1)
+        inside = at < L
+        at = at.clamp(max=L - 1)
+        ids[b, :n] = f.ids[at]
+        valid[b, :n] = (f.written[at] & inside).long().cumprod(-1).bool()
+        hidden[b, :n] = f.hidden[qp - 1]
+        positions[b, :n] = qp
         for dst, src in zip(kv, f.kv, strict=True):
             dst[b, :, : src.shape[1]] = src
-    positions = torch.tensor([f.start for f in feats])[:, None] + torch.arange(Q)[None]  # (B, Q)
-    length = torch.tensor([len(f.ids) for f in feats])[:, None]
-    return Queries(ids, hidden, positions, length, tuple(kv))
+    return Queries(ids, valid, hidden, positions, tuple(kv))
 
 
 def query_masks(assistant: Assistant, positions: torch.Tensor, S: int) -> dict[str, torch.Tensor]:
@@ -285,17 +435,14 @@ def draft_loss(
     masks = query_masks(assistant, q.positions, q.kv[0].shape[2])
     hidden, total, weights, accs = q.hidden, 0.0, 0.0, []
     alive = torch.ones_like(q.positions, dtype=torch.bool)  # (B, Q) every earlier draft right
-    Q = q.positions.shape[1]
     with torch.no_grad():
-        embeds = target.embed_tokens(q.ids)  # (B, Q + depth, Hb)
+        embeds = target.embed_tokens(q.ids)  # (B, Q, depth + 1, Hb)
     for j in range(1, depth + 1):
-        valid = q.positions + j <= q.length - 1  # (B, Q) x[p + j] exists
+        valid = q.valid[:, :, j]  # (B, Q) the target wrote x[p + 1] .. x[p + j]
         if not valid.any():
             break
-        logits, hidden = step_queries(
-            assistant, embeds[:, j - 1 : j - 1 + Q], hidden, q.kv, q.positions, masks
-        )
-        labels = q.ids[:, j : j + Q]  # (B, Q)
+        logits, hidden = step_queries(assistant, embeds[:, :, j - 1], hidden, q.kv, q.positions, masks)
+        labels = q.ids[:, :, j]  # (B, Q)
         w = STEP_DECAY ** (j - 1)
         total = total + w * F.cross_entropy(logits[valid], labels[valid])
         weights += w
@@ -337,6 +484,7 @@ class DrafterTrainer:
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.tok = tokenizer.load(Path(s.checkpoint) / "tokenizer.json")
+        self.stream = StreamFormat.of(s.checkpoint)
         self.cfg = assistant_config(s, self.target.cfg.text)
         self.assistant = build_assistant(self.cfg, self.target, s.seed)
         self.optimizer = torch.optim.AdamW(
@@ -355,11 +503,12 @@ class DrafterTrainer:
             if len(cached) >= count:
                 return cached[:count]
         frame = self.target.cfg.audio.audio_embed_dim
-        seqs = prompts(self.s, self.tok, Corpus(self.s.data, split), count, frame, split)
-        seqs = decode_all(self.target, seqs, self.s, self.log)
+        interleaved = self.stream.interleaved
+        seqs = prompts(self.s, self.tok, Corpus(self.s.data, split), count, frame, split, interleaved)
+        seqs = decode_all(self.target, seqs, self.s, self.log, self.tok, self.stream)
         save_atomically(seqs, path)
-        turns = [len(q.ids) - q.start for q in seqs]
-        self.log(f"sequences {split}: {len(seqs)}, model turn mean {np.mean(turns):.1f} tokens")
+        written = [sum(q.written_mask()) for q in seqs]
+        self.log(f"sequences {split}: {len(seqs)}, the target wrote {np.mean(written):.1f} tokens each")
         return seqs
 
     def load_state(self) -> dict:
@@ -441,10 +590,11 @@ def measure(s: DrafterSettings, log=print) -> dict:
     modes = {"off": lambda: None, "fixed": lambda: runtime.drafter,
              "adaptive": lambda: AdaptiveDrafter(runtime.drafter)}  # fmt: skip
     stats = {m: {part: DecodeStats() for part in ("transcript", "response")} for m in modes}
+    decode = _decode_streamed if runtime.config.streaming.format == "interleaved" else _decode_both
     identical = True
     for i in range(min(s.measure, len(data))):
         pcm = np.round(data[i][0] * 32768).clip(-32768, 32767).astype(np.int16)
-        outputs = {m: _decode_both(runtime, prompt, pcm, make(), stats[m]) for m, make in modes.items()}
+        outputs = {m: decode(runtime, prompt, pcm, make(), stats[m]) for m, make in modes.items()}
         identical &= all(out == outputs["off"] for out in outputs.values())
     summary = {"utterances": min(s.measure, len(data)), "identical": identical,
                "num_draft_tokens": runtime.drafter.num_draft_tokens}  # fmt: skip
@@ -476,6 +626,25 @@ def _decode_both(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> tupl
     stats["transcript"].add(transcript.stats)
     stats["response"].add(response.stats)
     return transcript.tokens, response.tokens
+
+
+def _decode_streamed(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> tuple[list[str], list[str]]:
+    """A respond session of the worker's own (interleaved: each chunk's words, then the response) with
+    this drafter; its finals and responses."""
+    from export.evaluate import Decoded, drain
+    from rawwave.settings import Settings
+    from worker.interleaved import open_session
+    from worker.session import StreamingOptions
+
+    options = StreamingOptions.of(runtime.config, Settings(mtp=False))
+    session, out = open_session(runtime, options, "measure", True), Decoded()
+    session.drafter = drafter
+    session.feed(pcm.tobytes())
+    session.end()
+    drain(session, out, len(pcm) / runtime.config.sample_rate)
+    stats["transcript"].add(out.transcript_stats)
+    stats["response"].add(out.response_stats)
+    return out.finals, out.responses
 
 
 # ---- command line --------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ training step is Assistant.step at each position (the worker's convention), a fe
 and the saved assistant loads."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from export import tokenizer
 from export import train_drafter as td
 from export.checkpoint import load_assistant
 from export.model import Gemma4Unified
@@ -54,11 +56,12 @@ def test_parallel_queries_follow_the_worker_convention(target, tmp_path):
     with torch.no_grad():
         masks = td.query_masks(assistant, q.positions, q.kv[0].shape[2])
         Q = q.positions.shape[1]
+        assert q.positions[0].tolist() == list(range(seqs[0].start, len(seqs[0].ids) - 1))
         logits, hidden = td.step_queries(
-            assistant, target.embed_tokens(q.ids[:, :Q]), q.hidden, q.kv, q.positions, masks
+            assistant, target.embed_tokens(q.ids[:, :, 0]), q.hidden, q.kv, q.positions, masks
         )
         for i in range(Q):
-            p = f.start + i  # the context holds p positions; the drafter gets x[p] and h[p - 1]
+            p = int(q.positions[0, i])  # the context holds p positions; the drafter gets x[p] and h[p - 1]
             kv = tuple(t[None, :, :p] for t in f.kv)
             embeds, prev = target.embed_tokens(f.ids[p].view(1, 1)), f.hidden[p - 1].view(1, 1, -1)
             want, want_hidden = assistant.step(embeds, prev, kv, torch.tensor([[p]]))
@@ -85,3 +88,39 @@ def test_training_lowers_the_loss_and_the_assistant_loads(target, tmp_path):
     loaded = load_assistant(s.out)
     for name, p in assistant.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], p)
+
+
+@pytest.fixture(scope="module")
+def interleaved_target() -> Gemma4Unified:
+    """The tiny target with our vocabulary's audio ids (the lockstep writes export/tokenizer.py's)."""
+    torch.manual_seed(0)
+    ids = {"audio_token_id": tokenizer.AUDIO, "boa_token_id": tokenizer.BOA, "eoa_token_index": tokenizer.EOA}
+    return Gemma4Unified(replace(tiny_config(vision=False), **ids)).eval()
+
+
+def interleaved_sequences(count: int = 5) -> list[td.Sequence]:
+    out = []
+    for i in range(count):
+        frames = np.random.default_rng(i).standard_normal((1 + 2 * i, FRAME)).astype(np.float32)
+        out.append(td.Sequence([2, 4, 30 + i], 0, 0.1 * frames, None, respond=i % 2 == 0))
+    return out
+
+
+def test_lockstep_writes_each_sequence_as_alone(interleaved_target):
+    target, tok = interleaved_target, tokenizer.build(300, ["one two three", "model", "user"])
+    batched = interleaved_sequences()
+    td.Lockstep(target, tok, batched).write(chunk=3, max_tokens=6)
+    for i, q in enumerate(batched):
+        alone = interleaved_sequences()[i]
+        td.Lockstep(target, tok, [alone]).write(chunk=3, max_tokens=6)
+        assert (q.ids, q.written, q.start) == (alone.ids, alone.written, alone.start)
+        fed = [t for t, w in zip(q.ids, q.written, strict=True) if not w]  # a random target writes anything
+        assert fed.count(tokenizer.AUDIO) == len(q.frames)
+        assert fed.count(tokenizer.EOA) == -(-len(q.frames) // 3)  # a chunk per 3 frames
+        turn = tokenizer.model_turn_start(tok)
+        assert q.ids[q.start - len(turn) : q.start] == turn
+    feats = td.target_features(target, batched)
+    queries = td.collate(feats, 3)
+    for b, f in enumerate(feats):  # a query's labels are what the target wrote
+        for i, j in torch.nonzero(queries.valid[b]).tolist():
+            assert f.written[queries.positions[b, i] + j]
