@@ -1,7 +1,8 @@
 """`mtp`: speculative decoding with the MTP drafter against plain greedy, through the worker's own code
 (worker/runtime.py's ONNX Runtime target and drafter, worker/decoding.py's `generate`).
 
-Per evaluation utterance: the transcript (forced audio suffix, then greedy) and the response after it,
+Per evaluation utterance: the transcript (forced audio suffix, then greedy; for a model trained in the
+interleaved format, every chunk's words as the worker's session writes them) and the response after it,
 each decoded with no drafter, with the drafter at its full k ("fixed") and with the worker's
 `AdaptiveDrafter` ("adaptive"); best of REPEATS timings. Reports tokens/s, acceptance (accepted /
 drafted), mean accepted length (tokens per decoder call) and whether every output matched token for
@@ -12,6 +13,7 @@ drafting costs when almost nothing is accepted, not what a trained drafter gains
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,12 @@ import numpy as np
 from bench.models import bench_model, random_assistant_for_default, trained_assistant
 from bench.report import median, write_result
 from bench.workload import finite, load, utterances, versions
+from export.evaluate import Decoded, drain
 from rawwave.settings import Settings
-from worker.decoding import AdaptiveDrafter, Context, generate, prefill
+from worker.decoding import AdaptiveDrafter, Context, DecodeStats, generate, prefill
+from worker.interleaved import open_session
 from worker.runtime import Runtime
-from worker.session import Prompt
+from worker.session import Prompt, StreamingOptions
 
 REPEATS = 3
 MAX_TOKENS = 128
@@ -57,13 +61,40 @@ def decode_both(runtime: Runtime, prompt: Prompt, ctx: Context, mode: str) -> di
     return {"transcript": transcript, "response": response}
 
 
+@dataclass
+class Part:
+    """What a streamed session wrote for one part (transcript or response) and what it cost."""
+
+    tokens: list[str]
+    stats: DecodeStats
+
+
+def decode_streamed(runtime: Runtime, pcm: np.ndarray, mode: str) -> dict[str, Any]:
+    """A respond session of the worker's (interleaved: each chunk's words, then the response), whole
+    audio in, with this mode's drafter; the decoding rounds of each part and their cost."""
+    options = StreamingOptions.of(runtime.config, Settings(mtp=False))
+    session, out = open_session(runtime, options, "bench", True), Decoded()
+    session.drafter = drafter_for(runtime, mode)
+    session.feed(pcm.tobytes())
+    session.end()
+    drain(session, out, len(pcm) / runtime.config.sample_rate)
+    return {
+        "transcript": Part(out.finals, out.transcript_stats),
+        "response": Part(out.responses, out.response_stats),
+    }
+
+
 def measure(runtime: Runtime, prompt: Prompt, pcm: np.ndarray) -> dict[str, Any]:
-    ctx = audio_context(runtime, prompt, pcm)
+    interleaved = runtime.config.streaming.format == "interleaved"
+    ctx = None if interleaved else audio_context(runtime, prompt, pcm)
     out: dict[str, Any] = {}
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for _ in range(REPEATS):  # modes interleaved, so a burst of load on the machine hits them alike
         for mode in MODES:
-            runs[mode].append(decode_both(runtime, prompt, ctx, mode))
+            if ctx is None:
+                runs[mode].append(decode_streamed(runtime, pcm, mode))
+            else:
+                runs[mode].append(decode_both(runtime, prompt, ctx, mode))
     for mode in MODES:
         for part in ("transcript", "response"):
             best = min(runs[mode], key=lambda r, p=part: r[p].stats.seconds)[part]

@@ -9,14 +9,17 @@ from worker.runtime import Runtime
 
 
 def audio_context(runtime: Runtime, seed: int, frames: int) -> Context:
-    prefix = runtime.start(runtime.encode(runtime.config.prompt.transcribe_prefix))
-    pcm = (np.random.default_rng(seed).normal(size=frames * runtime.config.frame_samples) * 3000).astype(
-        np.int16
-    )
-    logits, hidden, cache = runtime.extend_embeds(
-        prefix.cache, prefix.length, runtime.embed_audio(pcm), keep=1
-    )
-    return Context(cache, prefix.length + frames, logits[-1], hidden[-1])
+    """A respond prompt around random audio (one chunk of it for an interleaved model): what follows the
+    forced audio suffix is a transcript and a response, or a response."""
+    config = runtime.config
+    prefix = runtime.start(runtime.encode(config.prompt.respond_prefix))
+    pcm = (np.random.default_rng(seed).normal(size=frames * config.frame_samples) * 3000).astype(np.int16)
+    embeds = runtime.embed_audio(pcm)  # (frames, H)
+    if config.streaming.format == "interleaved":
+        wrap = runtime.embed_tokens([config.tokens.boa, config.tokens.eoa])
+        embeds = np.concatenate([wrap[:1], embeds, wrap[1:]])
+    logits, hidden, cache = runtime.extend_embeds(prefix.cache, prefix.length, embeds, keep=1)
+    return Context(cache, prefix.length + len(embeds), logits[-1], hidden[-1])
 
 
 def test_mtp_on_and_off_give_identical_tokens(drafter_runtime: Runtime) -> None:
