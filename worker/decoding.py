@@ -256,11 +256,13 @@ def generate(
         drafts = drafts[: max(0, max_tokens - len(tokens) - len(committed))]
         round_ = verify(target, ctx, committed, drafts)
         guessing = bool(guess) and stats.calls == 0
-        _count(stats, round_, len(drafts), guessing)
+        kept, stopped = _take(round_, first_generated, stop, tokens)
+        # Drafts the target agreed with past a stop are thrown away with it: they were not accepted.
+        accepted = max(0, kept - round_.committed)
+        _count(stats, accepted, len(drafts), guessing)
         if isinstance(drafter, AdaptiveDrafter) and not guessing and len(committed) == 1:
             seconds = time.perf_counter() - round_start  # a plain round: one committed token + drafts
-            drafter.observe(len(drafts), len(round_.tokens) - round_.committed, seconds)
-        kept, stopped = _take(round_, first_generated, stop, tokens)
+            drafter.observe(len(drafts), accepted, seconds)
         ctx = round_.context(target, kept)
         if stopped:
             return _done(tokens, ctx, True, stats, start, len(forced))
@@ -292,8 +294,7 @@ def _take(round_: Round, first_generated: int, stop: StopRule, tokens: list[int]
     return len(round_.tokens), False
 
 
-def _count(stats: DecodeStats, round_: Round, drafted: int, guessing: bool) -> None:
-    accepted = len(round_.tokens) - round_.committed
+def _count(stats: DecodeStats, accepted: int, drafted: int, guessing: bool) -> None:
     stats.calls += 1
     if guessing:
         stats.guessed += drafted
