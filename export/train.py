@@ -1,7 +1,8 @@
 """Training our small gemma4_unified speech model on the synthesized corpus (CPU, resumable).
 
-What one example is: the branch-format prompt (export/tokenizer.py) around the utterance's raw frames,
-trained to emit "{transcript}<turn|>" or, when asked to respond, "{transcript}\\n{response}<turn|>".
+What one example is (export/tokenizer.py): the interleaved prompt, the utterance's raw frames in chunks
+with each chunk's completed words after it and the response in the model turn when asked for one; or
+(--format branch) the frames whole, then "{transcript}<turn|>" or "{transcript}\\n{response}<turn|>".
 Levers from /work/shared/MODEL-NOTES.md: a training-only CTC head on the audio positions (never saved
 into the HF checkpoint), a short-utterance curriculum, audio prefixes cut at random points whose target
 is the words completed by the cut, AdamW with warmup and a cosine schedule, both cores.
@@ -46,7 +47,7 @@ class TrainSettings:
     intermediate: int = 768
     sliding_window: int = 1024  # > 30 s of 40 ms frames plus the text
     frame: int = 640  # samples per audio soft token (audio_embed_dim); 640 = 40 ms
-    format: str = "branch"  # prompt format (export/tokenizer.py): "branch" or "interleaved"
+    format: str = "interleaved"  # prompt format (export/tokenizer.py): "interleaved" or "branch"
     chunk_frames: int = 8  # interleaved: audio frames per chunk (8 x 40 ms = 320 ms)
     init: str = ""  # a state.pt / best.pt whose weights a fresh run starts from (fresh optimizer)
     # optimization

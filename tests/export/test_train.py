@@ -17,7 +17,7 @@ UTTERANCES = [
 ]
 TINY = train.TrainSettings(hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16, intermediate=64, batch=3,
                            lr=3e-3, warmup=1, steps=50, log_every=5, eval_every=1000, eval_cer_count=1,
-                           eval_loss_count=3, curriculum_steps=1, threads=1)  # fmt: skip
+                           eval_loss_count=3, curriculum_steps=1, threads=1, format="branch")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
