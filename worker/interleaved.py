@@ -13,12 +13,15 @@ so the same audio yields the same events however it arrived.
 
 from __future__ import annotations
 
+from functools import cached_property
+from typing import Any
+
 import numpy as np
 
 from rawwave.contract import Event, FinalEvent, PartialEvent
 from worker.decoding import Context, StopRule, generate, prefill
 from worker.runtime import Runtime
-from worker.session import Decoder, Response, StreamingOptions, StreamingSession
+from worker.session import Response, StreamingOptions, StreamingSession
 
 # Words the model may write after one chunk before it must take more audio: a 320 ms chunk completes
 # at most a few words (~10 tokens); the cap bounds a model that never asks for audio.
@@ -26,19 +29,10 @@ CHUNK_MAX_TOKENS = 24
 
 
 class InterleavedSession(StreamingSession):
-    def __init__(
-        self,
-        runtime: Runtime,
-        options: StreamingOptions,
-        session_id: str,
-        respond: bool,
-        decoder: Decoder | None = None,
-        image: bytes | None = None,
-    ) -> None:
-        super().__init__(runtime, options, session_id, respond, decoder, image)
-        tokens = runtime.config.tokens
-        self.chunk_open, self.chunk_close = tokens.boa, tokens.eoa
-        self.words_stop = StopRule(self.prompt.transcript_stop.eos | {tokens.boa})
+    @cached_property
+    def words_stop(self) -> StopRule:
+        """A chunk's words end where the model asks for audio (or ends its turn)."""
+        return StopRule(self.prompt.transcript_stop.eos | {self.runtime.config.tokens.boa})
 
     def _take_frame(self, frame: np.ndarray) -> list[Event]:
         seg, opts = self.segment, self.options
@@ -70,14 +64,10 @@ class InterleavedSession(StreamingSession):
         """The frames not yet in the cache, wrapped as a chunk, then the words the model writes for them
         (kept in the cache: the next chunk follows them)."""
         seg = self.segment
-        audio = self.runtime.embed_audio(np.concatenate(seg.audio[seg.fed :]))  # (n, H)
-        embeds = np.concatenate(
-            [
-                self.runtime.embed_tokens([self.chunk_open]),
-                audio,
-                self.runtime.embed_tokens([self.chunk_close]),
-            ]
-        )  # (n + 2, H)
+        runtime, tokens = self.runtime, self.runtime.config.tokens
+        audio = runtime.embed_audio(np.concatenate(seg.audio[seg.fed :]))  # (n, H)
+        wrap = runtime.embed_tokens([tokens.boa]), runtime.embed_tokens([tokens.eoa])
+        embeds = np.concatenate([wrap[0], audio, wrap[1]])  # (n + 2, H)
         logits, hidden, cache = self.decoder.extend_embeds(seg.cache.cache, seg.cache.length, embeds, keep=1)
         ctx = Context(cache, seg.cache.length + len(embeds), logits[-1], hidden[-1])
         gen = generate(self.decoder, ctx, self.words_stop, CHUNK_MAX_TOKENS, self.drafter)
@@ -103,15 +93,7 @@ class InterleavedSession(StreamingSession):
         return [final]
 
 
-def open_session(
-    runtime: Runtime,
-    options: StreamingOptions,
-    session_id: str,
-    respond: bool,
-    decoder: Decoder | None = None,
-    image: bytes | None = None,
-) -> StreamingSession:
-    """The streaming session the model directory's format asks for."""
-    if options.format == "interleaved":
-        return InterleavedSession(runtime, options, session_id, respond, decoder, image)
-    return StreamingSession(runtime, options, session_id, respond, decoder, image)
+def open_session(runtime: Runtime, options: StreamingOptions, *args: Any, **kwargs: Any) -> StreamingSession:
+    """The streaming session the model directory's format asks for (StreamingSession's arguments)."""
+    kind = InterleavedSession if options.format == "interleaved" else StreamingSession
+    return kind(runtime, options, *args, **kwargs)

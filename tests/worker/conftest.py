@@ -22,9 +22,11 @@ from tests.models import (
     speech_like,
     wav_bytes,
 )
+from worker.interleaved import open_session
 from worker.metrics import WorkerMetrics
 from worker.ownership import Worker
 from worker.runtime import Runtime
+from worker.session import StreamingOptions
 
 # re-exported: the worker tests import these from here
 __all__ = ["SAMPLE_RATE", "offline_events", "read_wav", "runtime_settings", "speech_like", "wav_bytes"]
@@ -51,6 +53,22 @@ def drafter_runtime(runtime: Runtime, model_dir: Path, drafter_model_dir: Path) 
 
 def chunks(pcm: bytes, size: int) -> list[bytes]:
     return [pcm[i : i + size] for i in range(0, len(pcm), size)]
+
+
+def streamed(runtime: Runtime, options: StreamingOptions, pcm: bytes, size: int, respond: bool = False):
+    """The audio fed in `size`-byte pieces to one worker session (the model's scheme), stepping after
+    each as a live session does; every event until done."""
+    session = open_session(runtime, options, "s1", respond)
+    events = []
+    for part in chunks(pcm, size):
+        session.feed(part)
+        while batch := session.step():
+            events += batch
+    session.end()
+    while batch := session.step():
+        events += batch
+    assert session.done
+    return events
 
 
 # -- Redis side ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from export.checkpoint import load_model
 from export.train import greedy_interleaved
 from rawwave.contract import FinalEvent, PartialEvent
 from tests.models import DEFAULT_CHECKPOINT, export_tiny_interleaved_model
-from tests.worker.conftest import chunks, offline_events, runtime_settings, speech_like
+from tests.worker.conftest import offline_events, runtime_settings, speech_like, streamed
 from worker.interleaved import InterleavedSession, open_session
 from worker.runtime import Runtime
 from worker.session import Prompt, StreamingOptions
@@ -39,19 +39,9 @@ def options(runtime: Runtime) -> StreamingOptions:
     return StreamingOptions.of(runtime.config, runtime_settings(endpoint_silence_ms=800))
 
 
-def streamed(runtime: Runtime, options: StreamingOptions, pcm: bytes, size: int, respond: bool = False):
-    session = open_session(runtime, options, "s1", respond)
-    assert isinstance(session, InterleavedSession)
-    events = []
-    for part in chunks(pcm, size):
-        session.feed(part)
-        while batch := session.step():
-            events += batch
-    session.end()
-    while batch := session.step():
-        events += batch
-    assert session.done
-    return events
+def test_the_model_directory_picks_the_scheme(runtime: Runtime, options: StreamingOptions) -> None:
+    assert options.format == "interleaved"
+    assert isinstance(open_session(runtime, options, "s1", False), InterleavedSession)
 
 
 def test_same_audio_same_events_however_chunked(runtime: Runtime, options: StreamingOptions) -> None:

@@ -11,8 +11,7 @@ import pytest
 
 from rawwave.contract import FinalEvent, PartialEvent
 from tests.models import export_tiny_model
-from tests.worker.conftest import chunks, offline_events, runtime_settings, speech_like
-from worker.interleaved import open_session
+from tests.worker.conftest import offline_events, runtime_settings, speech_like, streamed
 from worker.runtime import Runtime
 from worker.session import StreamingOptions, StreamingSession
 
@@ -31,20 +30,6 @@ def options(runtime: Runtime) -> StreamingOptions:
     return StreamingOptions.of(
         runtime.config, runtime_settings(endpoint_silence_ms=800, partial_interval_ms=400)
     )
-
-
-def streamed(runtime: Runtime, options: StreamingOptions, pcm: bytes, size: int, respond: bool = False):
-    session = open_session(runtime, options, "s1", respond)
-    events = []
-    for part in chunks(pcm, size):
-        session.feed(part)
-        while batch := session.step():
-            events += batch
-    session.end()
-    while batch := session.step():
-        events += batch
-    assert session.done
-    return events
 
 
 def test_same_audio_same_events_however_chunked(runtime: Runtime, options: StreamingOptions) -> None:
