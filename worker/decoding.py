@@ -124,13 +124,17 @@ class AdaptiveDrafter:
                 length = 1
         return self.inner.propose(ctx, token, length) if length else []
 
-    def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
-        """A finished round: how many drafts were verified and accepted, and how long it took."""
+    def observe(
+        self, drafted: int, accepted: int, seconds: float | None = None, counted: int | None = None
+    ) -> None:
+        """A finished round: how many drafts were verified, how long it took, and how many of the
+        `counted` ones (default: all drafted; fewer when the output stopped inside them) were accepted."""
         if seconds is not None:
             self.costs.observe(drafted, seconds)
-        if drafted:
+        counted = drafted if counted is None else counted
+        if counted:
             self.accepted = self.DECAY * self.accepted + accepted
-            self.rejected = self.DECAY * self.rejected + (accepted < drafted)
+            self.rejected = self.DECAY * self.rejected + (accepted < counted)
 
 
 @dataclass(frozen=True)
@@ -257,12 +261,11 @@ def generate(
         round_ = verify(target, ctx, committed, drafts)
         guessing = bool(guess) and stats.calls == 0
         kept, stopped = _take(round_, first_generated, stop, tokens)
-        # Drafts the target agreed with past a stop are thrown away with it: they were not accepted.
-        accepted = max(0, kept - round_.committed)
-        _count(stats, accepted, len(drafts), guessing)
+        accepted, counted = _accepted(round_, kept, stopped, stop, len(drafts))
+        _count(stats, accepted, counted, guessing)
         if isinstance(drafter, AdaptiveDrafter) and not guessing and len(committed) == 1:
             seconds = time.perf_counter() - round_start  # a plain round: one committed token + drafts
-            drafter.observe(len(drafts), accepted, seconds)
+            drafter.observe(len(drafts), accepted, seconds, counted)
         ctx = round_.context(target, kept)
         if stopped:
             return _done(tokens, ctx, True, stats, start, len(forced))
@@ -292,6 +295,16 @@ def _take(round_: Round, first_generated: int, stop: StopRule, tokens: list[int]
         if generated and stop.stops_after(tokens):
             return i + 1, True
     return len(round_.tokens), False
+
+
+def _accepted(round_: Round, kept: int, stopped: bool, stop: StopRule, drafted: int) -> tuple[int, int]:
+    """(accepted, counted) drafts of a round. Drafts past the output's stop count for nothing, agreed or
+    not; a drafted stop token the target agreed with is a right guess (it ends the output, it is no token)."""
+    accepted = max(0, kept - round_.committed)
+    if not stopped:
+        return accepted, drafted
+    hit = kept < len(round_.tokens) and stop.stops_before(round_.tokens[kept])
+    return accepted + hit, accepted + hit
 
 
 def _count(stats: DecodeStats, accepted: int, drafted: int, guessing: bool) -> None:

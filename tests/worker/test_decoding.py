@@ -70,6 +70,25 @@ def test_drafter_speeds_up_and_counts() -> None:
     assert out.stats.tokens_per_call > 3
 
 
+def test_a_perfect_drafter_is_fully_accepted_up_to_the_stop() -> None:
+    """Short outputs (an interleaved chunk's words) end inside a round: drafts past the stop count for
+    nothing, and a drafted stop the target agrees with counts as a right guess."""
+    checked = 0
+    for seed in range(20):
+        target = ToyTarget(seed=seed)
+        prompt = [seed % target.vocab]
+        truth = plain_greedy(target, prompt, StopRule(frozenset()), 3)
+        stop = StopRule(frozenset({truth[2]}))  # the output is two tokens, then the stop
+        if truth[2] in truth[:2]:
+            continue
+        drafter = ToyDrafter(target, num_draft_tokens=4, wrong_every=1000)
+        out = generate(target, target.start(prompt), stop, 30, drafter=drafter)
+        assert out.tokens == truth[:2]
+        assert (out.stats.calls, out.stats.drafted, out.stats.accepted) == (1, 2, 2)
+        checked += 1
+    assert checked >= 10
+
+
 def test_guess_is_verified_with_forced_tokens_in_one_call() -> None:
     target = ToyTarget(seed=5)
     ctx = target.start([3, 4])
