@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     )
     mtp: bool = Field(True, description="Speculative decoding with the MTP drafter.")
     partial_interval_ms: int | None = Field(
-        None, ge=40, description="Audio between partial transcripts (unset: the model directory's)."
+        None,
+        ge=40,
+        description="Audio between partial transcripts of a branch-format model (unset: the model "
+        "directory's); an interleaved model's come with each chunk it was trained on.",
     )
     endpoint_silence_ms: int | None = Field(
         None, ge=0, description="Trailing silence that ends a turn, 0 = off (unset: the model's)."
