@@ -42,22 +42,24 @@ def audio_context(runtime: Runtime, prompt: Prompt, pcm: np.ndarray) -> Context:
     return Context(cache, start.length + len(embeds), start.logits, start.hidden)
 
 
-def drafter_for(runtime: Runtime, mode: str) -> Any:
+def drafter_for(runtime: Runtime, mode: str, part: str | None = None) -> Any:
     if mode == "off" or runtime.drafter is None:
         return None
-    return runtime.drafter if mode == "fixed" else AdaptiveDrafter(runtime.drafter)
+    return runtime.drafter if mode == "fixed" else AdaptiveDrafter(runtime.drafter, part=part)
 
 
 def decode_both(runtime: Runtime, prompt: Prompt, ctx: Context, mode: str) -> dict[str, Any]:
     """Transcript then response, as the session decodes a final with respond=True."""
     budget = len(prompt.suffix) + MAX_TOKENS
     transcript = generate(
-        runtime, ctx, prompt.transcript_stop, budget, drafter_for(runtime, mode), prompt.suffix
+        runtime, ctx, prompt.transcript_stop, budget, drafter_for(runtime, mode, "transcript"), prompt.suffix
     )
     text = transcript.tokens[len(prompt.suffix) :]
     end = prompt.transcript_end
     after = transcript.ctx if text[-len(end) :] == end else prefill(runtime, transcript.ctx, end)
-    response = generate(runtime, after, prompt.response_stop, MAX_TOKENS, drafter_for(runtime, mode))
+    response = generate(
+        runtime, after, prompt.response_stop, MAX_TOKENS, drafter_for(runtime, mode, "response")
+    )
     return {"transcript": transcript, "response": response}
 
 
@@ -74,7 +76,8 @@ def decode_streamed(runtime: Runtime, pcm: np.ndarray, mode: str) -> dict[str, A
     audio in, with this mode's drafter; the decoding rounds of each part and their cost."""
     options = StreamingOptions.of(runtime.config, Settings(mtp=False))
     session, out = open_session(runtime, options, "bench", True), Decoded()
-    session.drafter = drafter_for(runtime, mode)
+    session.drafter = drafter_for(runtime, mode, "transcript")
+    session.response_drafter = drafter_for(runtime, mode, "response")
     session.feed(pcm.tobytes())
     session.end()
     drain(session, out, len(pcm) / runtime.config.sample_rate)

@@ -633,12 +633,16 @@ def _decode_streamed(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> 
     this drafter; its finals and responses."""
     from export.evaluate import Decoded, drain
     from rawwave.settings import Settings
+    from worker.decoding import AdaptiveDrafter
     from worker.interleaved import open_session
     from worker.session import StreamingOptions
 
     options = StreamingOptions.of(runtime.config, Settings(mtp=False))
     session, out = open_session(runtime, options, "measure", True), Decoded()
-    session.drafter = drafter
+    session.drafter = drafter  # the response gets its own estimate of the same kind, as in the worker
+    session.response_drafter = (
+        AdaptiveDrafter(drafter.inner) if isinstance(drafter, AdaptiveDrafter) else drafter
+    )
     session.feed(pcm.tobytes())
     session.end()
     drain(session, out, len(pcm) / runtime.config.sample_rate)

@@ -82,6 +82,17 @@ class RoundCosts:
         return self.medians[drafted]
 
 
+@dataclass
+class AcceptanceCounts:
+    """Decayed counts behind P(a draft is accepted | the previous one was): drafts accepted, and rounds
+    that rejected one. A runtime drafter keeps one per part of the output (transcripts, responses) for
+    all its sessions, as it keeps one RoundCosts: how well it guesses is a property of the drafter and
+    of what is being written, and a 30-token response is too short to learn it from scratch."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+
 class AdaptiveDrafter:
     """Drafts as many tokens as maximise expected tokens per second, so speculation never costs speed.
 
@@ -94,18 +105,22 @@ class AdaptiveDrafter:
     PROBE_EVERY = 32  # a probe costs about a round: ~3% when drafting does not pay
     DECAY = 0.95  # per round, on the acceptance counts: about the last 20 rounds
 
-    def __init__(self, inner: Drafter, costs: RoundCosts | None = None) -> None:
+    def __init__(self, inner: Drafter, costs: RoundCosts | None = None, part: str | None = None) -> None:
         self.inner = inner
         self.num_draft_tokens = inner.num_draft_tokens
         shared = getattr(inner, "round_costs", None)  # a runtime drafter carries one table for all sessions
         self.costs = costs or shared or RoundCosts(inner.num_draft_tokens)
-        self.accepted, self.rejected = 0.0, 0.0
+        counts = getattr(inner, "acceptance_counts", None)  # and one estimate per part
+        self.counts = (
+            counts.setdefault(part, AcceptanceCounts()) if part and counts is not None else AcceptanceCounts()
+        )
         self.rounds_idle = 0
 
     @property
     def acceptance(self) -> float:
         """P(a draft is accepted | the previous one was), with a uniform prior."""
-        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
+        c = self.counts
+        return (c.accepted + 1) / (c.accepted + c.rejected + 2)
 
     def choose(self, count: int) -> int:
         """The draft length for the next round, at most `count`."""
@@ -133,8 +148,9 @@ class AdaptiveDrafter:
             self.costs.observe(drafted, seconds)
         counted = drafted if counted is None else counted
         if counted:
-            self.accepted = self.DECAY * self.accepted + accepted
-            self.rejected = self.DECAY * self.rejected + (accepted < counted)
+            c = self.counts
+            c.accepted = self.DECAY * c.accepted + accepted
+            c.rejected = self.DECAY * c.rejected + (accepted < counted)
 
 
 @dataclass(frozen=True)

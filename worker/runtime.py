@@ -21,7 +21,7 @@ from rawwave.errors import RawwaveError
 from rawwave.logs import get_logger
 from rawwave.model_dir import TOKENIZER_FILE, ModelDirError, RuntimeConfig, load_runtime_config
 from rawwave.settings import Settings
-from worker.decoding import Context, RoundCosts
+from worker.decoding import AcceptanceCounts, Context, RoundCosts
 
 log = get_logger(__name__)
 
@@ -293,6 +293,7 @@ class Drafter:
         self.steps_kv = spec.steps.inputs[3:7] if spec.steps else []  # names as DraftStepsSpec orders them
         self.hidden_type = graph.dtype(self.roles.hidden)
         self.round_costs = RoundCosts(self.num_draft_tokens)  # measured by every session's AdaptiveDrafter
+        self.acceptance_counts: dict[str, AcceptanceCounts] = {}  # per part of the output, all sessions
         self.calls = 0
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:

@@ -247,7 +247,11 @@ class StreamingSession:
         self.decoder: Decoder = decoder or runtime
         soft = image_soft_tokens(runtime, image) if image is not None else None  # (N, H)
         self.prompt = Prompt.of(runtime, respond, 0 if soft is None else len(soft))
-        self.drafter = AdaptiveDrafter(runtime.drafter) if options.mtp and runtime.drafter else None
+        drafting = options.mtp and runtime.drafter is not None
+        # Transcripts and responses get their own acceptance estimate (one round-cost table): a drafter
+        # that guesses responses well but a chunk's few words poorly must not stop drafting responses.
+        self.drafter = AdaptiveDrafter(runtime.drafter, part="transcript") if drafting else None
+        self.response_drafter = AdaptiveDrafter(runtime.drafter, part="response") if drafting else None
         start = runtime.start(self.prompt.prefix, soft)
         self.prefix = Context(start.cache, start.length, NO_ROW, NO_ROW)
         self.samples = np.zeros(0, np.int16)  # received, not yet a whole frame
@@ -431,7 +435,7 @@ class StreamingSession:
         response, opts = self.response, self.options
         assert response is not None
         budget = min(RESPONSE_STEP_TOKENS, opts.max_response_tokens - len(response.tokens))
-        gen = generate(self.decoder, response.ctx, self.prompt.response_stop, budget, self.drafter)
+        gen = generate(self.decoder, response.ctx, self.prompt.response_stop, budget, self.response_drafter)
         self.stats.add(gen.stats)
         events = self._deltas(response, gen.tokens)
         response.ctx = gen.ctx

@@ -210,3 +210,18 @@ def test_round_costs_are_measured_before_they_are_trusted() -> None:
     assert out.tokens == plain_greedy(target, [1], StopRule(frozenset()), 30)
     assert costs.unmeasured() == []
     assert all(costs.seconds(k) > 0 for k in range(5))
+
+
+def test_sessions_share_what_a_drafter_is_worth_per_part() -> None:
+    """A new session's response drafting starts from what earlier sessions' responses taught, and a
+    part that has taught nothing yet (or drafts badly) keeps its own estimate."""
+    target = ToyTarget(seed=16)
+    good = ToyDrafter(target, num_draft_tokens=4, wrong_every=1000)
+    good.acceptance_counts = {}  # type: ignore[attr-defined]  # as a runtime drafter carries them
+    first = AdaptiveDrafter(good, FixedCosts(CHEAP_DRAFTS), part="response")
+    generate(target, target.start([1]), StopRule(frozenset()), 40, drafter=first)
+    costly = [1.0, 1.5, 2.0, 2.5, 3.0]  # pays only for a drafter known to be good
+    later = AdaptiveDrafter(good, FixedCosts(costly), part="response")
+    assert later.acceptance == first.acceptance > 0.9 and later.choose(4) == 4
+    fresh = AdaptiveDrafter(good, FixedCosts(costly), part="transcript")
+    assert fresh.acceptance == 0.5 and fresh.choose(4) == 0
