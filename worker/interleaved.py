@@ -38,9 +38,8 @@ class InterleavedSession(StreamingSession):
         seg, opts = self.segment, self.options
         seg.add(frame, opts.silence_dbfs)
         endpointing = opts.endpoint_frames > 0
-        if (
-            endpointing and seg.silent_run >= opts.endpoint_frames
-        ):  # words heard in "silence" still end a turn
+        if endpointing and seg.silent_run >= opts.endpoint_frames:
+            # words heard in "silence" still end a turn: they were published as partials
             return self._end_turn() if seg.speech or seg.stable else self._reset_segment()
         if seg.frames >= opts.max_frames:  # the words so far are out already: the turn simply ends here
             return self._end_turn()
@@ -74,7 +73,6 @@ class InterleavedSession(StreamingSession):
         self.stats.add(gen.stats)
         seg.cache, seg.fed = gen.ctx, seg.frames
         seg.stable = [*seg.stable, *gen.tokens]
-        seg.hypothesis = seg.stable
 
     def _end_turn(self) -> list[Event]:
         if self.segment.frames > self.segment.fed:
