@@ -323,12 +323,15 @@ def greedy_interleaved(
     chunk: int,
     max_words: int = 24,
     prefix: list[int] | None = None,
-    stops: tuple[int, ...] = (tokenizer.TURN_END, tokenizer.EOS),
+    stops: tuple[int, ...] | None = None,
 ) -> str:
     """The interleaved transcript of one utterance's frames (N, frame): append a chunk, decode its words
     until the model asks for more audio (`<|audio>`), repeat; as worker/interleaved.py streams it.
-    prefix: the user turn's start (default: ours, transcribe)."""
+    prefix: the user turn's start (default: ours, transcribe); stops: what else ends a chunk's words
+    (default: the end of the turn and a newline, which ends a transcript)."""
     cfg = model.cfg
+    if stops is None:
+        stops = (tokenizer.TURN_END, tokenizer.EOS, *tok.encode("\n").ids)
     ids = prefix if prefix is not None else tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
     past, length, out = [], 0, []
 

@@ -31,8 +31,11 @@ CHUNK_MAX_TOKENS = 24
 class InterleavedSession(StreamingSession):
     @cached_property
     def words_stop(self) -> StopRule:
-        """A chunk's words end where the model asks for audio (or ends its turn)."""
-        return StopRule(self.prompt.transcript_stop.eos | {self.runtime.config.tokens.boa})
+        """A chunk's words end where the model asks for audio, ends its turn, or ends the transcript
+        (transcript_end: no transcript holds one; a model trained in the branch format first writes it)."""
+        end = self.prompt.transcript_end
+        ends = {end[0]} if len(end) == 1 else set()
+        return StopRule(self.prompt.transcript_stop.eos | {self.runtime.config.tokens.boa} | ends)
 
     def _take_frame(self, frame: np.ndarray) -> list[Event]:
         seg, opts = self.segment, self.options

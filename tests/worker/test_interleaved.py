@@ -64,7 +64,7 @@ def test_words_are_the_reference_decode_of_the_chunks(runtime: Runtime, options:
         frames = np.pad(pcm, (0, -len(pcm) % options.frame_samples)).astype(np.float32) / 32768
         frames = frames.reshape(-1, options.frame_samples)
         want = greedy_interleaved(model, runtime.tokenizer, frames, options.chunk_frames, prefix=prefix,
-                                  stops=tuple(runtime.config.tokens.eos))  # fmt: skip
+                                  stops=(*runtime.config.tokens.eos, *runtime.encode("\n")))  # fmt: skip
         finals = [e.text for e in offline_events(runtime, whole, "s1", pcm.tobytes()) if e.type == "final"]
         assert finals == [want]
 
