@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     batching: bool = Field(
         False,
         description="Continuous batching: decoder calls of sessions computing at once run as one ONNX "
-        "Runtime call (same output; CPU device only; pays from about 16 busy sessions on 2 cores).",
+        "Runtime call (same output; CPU device only; here it paid only with many busy sessions of a "
+        "branch-format model).",
     )
     batch_window_ms: float = Field(
         0.0,
