@@ -21,10 +21,9 @@ import numpy as np
 from bench.models import bench_model, random_assistant_for_default, trained_assistant
 from bench.report import median, write_result
 from bench.workload import finite, load, utterances, versions
-from export.evaluate import Decoded, drain
+from export.evaluate import decode
 from rawwave.settings import Settings
 from worker.decoding import AdaptiveDrafter, Context, DecodeStats, generate, prefill
-from worker.interleaved import open_session
 from worker.runtime import Runtime
 from worker.session import Prompt, StreamingOptions
 
@@ -75,12 +74,8 @@ def decode_streamed(runtime: Runtime, pcm: np.ndarray, mode: str) -> dict[str, A
     """A respond session of the worker's (interleaved: each chunk's words, then the response), whole
     audio in, with this mode's drafter; the decoding rounds of each part and their cost."""
     options = StreamingOptions.of(runtime.config, Settings(mtp=False))
-    session, out = open_session(runtime, options, "bench", True), Decoded()
-    session.drafter = drafter_for(runtime, mode, "transcript")
-    session.response_drafter = drafter_for(runtime, mode, "response")
-    session.feed(pcm.tobytes())
-    session.end()
-    drain(session, out, len(pcm) / runtime.config.sample_rate)
+    drafters = drafter_for(runtime, mode, "transcript"), drafter_for(runtime, mode, "response")
+    out = decode(runtime, options, pcm.tobytes(), True, drafters=drafters)
     return {
         "transcript": Part(out.finals, out.transcript_stats),
         "response": Part(out.responses, out.response_stats),

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,10 +137,18 @@ def stats_since(now: DecodeStats, before: DecodeStats) -> DecodeStats:
 
 
 def decode(
-    runtime: Runtime, options: StreamingOptions, pcm: bytes, respond: bool, chunk: int | None = None
+    runtime: Runtime,
+    options: StreamingOptions,
+    pcm: bytes,
+    respond: bool,
+    chunk: int | None = None,
+    drafters: tuple[Any, Any] | None = None,
 ) -> Decoded:
-    """One fresh session: the audio fed in `chunk`-byte pieces (None: all at once), then end."""
+    """One fresh session: the audio fed in `chunk`-byte pieces (None: all at once), then end.
+    drafters: the session's (transcript, response) drafters instead of the ones options ask for."""
     session, out = open_session(runtime, options, "eval", respond), Decoded()
+    if drafters is not None:
+        session.drafter, session.response_drafter = drafters
     step = chunk or len(pcm) or 1
     for start in range(0, len(pcm), step):
         session.feed(pcm[start : start + step])

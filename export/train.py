@@ -176,10 +176,8 @@ def interleaved_example(
     respond = rng.random() < s.respond_prob
     instruction = tokenizer.INSTRUCT_RESPOND if respond else tokenizer.INSTRUCT_TRANSCRIBE
     prompt = tokenizer.interleaved_prompt(tok, sizes, texts, instruction, rec["response"] if respond else "")
-    frames = np.zeros(n * s.frame, np.float32)
-    frames[: len(audio)] = audio
     transcript = "".join(texts)
-    return Example(frames.reshape(n, s.frame), prompt, ctc_targets(s, tok, transcript))
+    return Example(frames_of(audio, s.frame), prompt, ctc_targets(s, tok, transcript))
 
 
 @dataclass

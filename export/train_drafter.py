@@ -41,7 +41,7 @@ from export.checkpoint import load_model, save_assistant
 from export.dataset import Corpus, stamped
 from export.exporter import TRAINER_FILE
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
-from export.train import save_atomically, save_state, warmup_cosine
+from export.train import frames_of, save_atomically, save_state, warmup_cosine
 
 STEP_DECAY = 0.7  # loss weight of draft step j: STEP_DECAY ** (j - 1)
 CHUNK_MAX_TOKENS = 24  # as worker/interleaved.py
@@ -160,11 +160,8 @@ def utterance_prompt(
     respond = rng.random() < s.respond_prob
     instruction = tokenizer.INSTRUCT_RESPOND if respond else tokenizer.INSTRUCT_TRANSCRIBE
     if interleaved:
-        padded = np.zeros(n * frame, np.float32)
-        padded[: len(audio)] = audio
-        return Sequence(
-            tokenizer.user_turn_start(tok, instruction), 0, padded.reshape(n, frame), None, respond
-        )
+        user = tokenizer.user_turn_start(tok, instruction)
+        return Sequence(user, 0, frames_of(audio, frame), None, respond)
     if rng.random() < s.prefix_prob:
         n, instruction = rng.randint(1, n), tokenizer.INSTRUCT_TRANSCRIBE
     padded = np.zeros(n * frame, np.float32)
@@ -631,21 +628,15 @@ def _decode_both(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> tupl
 def _decode_streamed(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> tuple[list[str], list[str]]:
     """A respond session of the worker's own (interleaved: each chunk's words, then the response) with
     this drafter; its finals and responses."""
-    from export.evaluate import Decoded, drain
+    from export.evaluate import decode
     from rawwave.settings import Settings
     from worker.decoding import AdaptiveDrafter
-    from worker.interleaved import open_session
     from worker.session import StreamingOptions
 
     options = StreamingOptions.of(runtime.config, Settings(mtp=False))
-    session, out = open_session(runtime, options, "measure", True), Decoded()
-    session.drafter = drafter  # the response gets its own estimate of the same kind, as in the worker
-    session.response_drafter = (
-        AdaptiveDrafter(drafter.inner) if isinstance(drafter, AdaptiveDrafter) else drafter
-    )
-    session.feed(pcm.tobytes())
-    session.end()
-    drain(session, out, len(pcm) / runtime.config.sample_rate)
+    adaptive = isinstance(drafter, AdaptiveDrafter)  # the response gets its own estimate, as in the worker
+    response_drafter = AdaptiveDrafter(drafter.inner, part="response") if adaptive else drafter
+    out = decode(runtime, options, pcm.tobytes(), True, drafters=(drafter, response_drafter))
     stats["transcript"].add(out.transcript_stats)
     stats["response"].add(out.response_stats)
     return out.finals, out.responses
