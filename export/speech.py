@@ -28,6 +28,11 @@ FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 # the only female flite voice and the most natural one we have; a different engine from espeak).
 HELD_OUT_VOICES = ["slt"]
 FLITE_SHARE = 0.3  # fraction of training utterances spoken by flite
+# flite voices whose pitch follows int_f0_target_mean (rms ignores it). Half their utterances get a target
+# F0 in the range of women's and children's voices: slt, held out, is the only female voice we have.
+FLITE_PITCHED = ["kal", "kal16", "awb"]
+FLITE_PITCH_SHARE = 0.5
+FLITE_PITCH_HZ = (140, 270)
 
 _SILENCE_DB = -40.0  # below this (relative to the utterance peak) a 10 ms frame counts as silence
 
@@ -37,7 +42,7 @@ class Voice:
     engine: str  # "espeak" or "flite"
     name: str  # espeak: "en-gb+m3"; flite: "awb"
     rate: float  # espeak: words per minute; flite: duration stretch (>1 is slower)
-    pitch: int  # espeak: 0-100 base pitch; flite: unused (0)
+    pitch: int  # espeak: 0-100 base pitch; flite: target mean F0 in Hz (0: the voice's own)
 
     @property
     def label(self) -> str:
@@ -78,7 +83,9 @@ def sample_voice(rng: random.Random, held_out: bool = False) -> Voice:
         return Voice("flite", rng.choice(HELD_OUT_VOICES), round(rng.uniform(0.85, 1.2), 2), 0)
     if rng.random() < FLITE_SHARE:
         name = rng.choice([v for v in FLITE_VOICES if v not in HELD_OUT_VOICES])
-        return Voice("flite", name, round(rng.uniform(0.8, 1.3), 2), 0)
+        rate = round(rng.uniform(0.8, 1.3), 2)
+        pitched = name in FLITE_PITCHED and rng.random() < FLITE_PITCH_SHARE
+        return Voice("flite", name, rate, rng.randint(*FLITE_PITCH_HZ) if pitched else 0)
     name = f"{rng.choice(ESPEAK_LANGUAGES)}+{rng.choice(espeak_variants())}"
     return Voice("espeak", name, rng.randint(120, 250), rng.randint(15, 85))
 
@@ -243,6 +250,7 @@ _FLITE_SIGNATURES = {
     "ffeature_float": (ctypes.c_float, [ctypes.c_void_p, ctypes.c_char_p]),
     "delete_utterance": (None, [ctypes.c_void_p]),
     "feat_set_float": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_float]),
+    "feat_remove": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]),
 }
 _WORD_START = b"R:SylStructure.daughter1.daughter1.R:Segment.p.end"
 _WORD_END = b"R:SylStructure.daughtern.daughtern.R:Segment.end"
@@ -276,6 +284,10 @@ class Flite:
         vox = self._voice(voice.name)
         features = ctypes.cast(vox, ctypes.POINTER(ctypes.c_void_p))[1]  # cst_voice.features
         self.lib.feat_set_float(features, b"duration_stretch", voice.rate)
+        if voice.pitch:
+            self.lib.feat_set_float(features, b"int_f0_target_mean", float(voice.pitch))
+        else:  # the voice's own intonation model decides
+            self.lib.feat_remove(features, b"int_f0_target_mean")
         utt = self.lib.flite_synth_text(text.encode(), vox)
         try:
             wave = self.lib.utt_wave(utt).contents

@@ -45,6 +45,34 @@ def test_slower_voice_is_longer():
     assert len(slow.audio) > 1.4 * len(fast.audio)
 
 
+def median_pitch(audio: np.ndarray, rate: int = 16_000) -> float:
+    """Median autocorrelation F0 (60-400 Hz) over the voiced 40 ms frames."""
+    pitches = []
+    for start in range(0, len(audio) - 640, 320):
+        x = audio[start : start + 640] - audio[start : start + 640].mean()
+        r = np.correlate(x, x, "full")[639:]
+        lag = rate // 400 + int(np.argmax(r[rate // 400 : rate // 60]))
+        if np.sqrt((x**2).mean()) > 0.02 and r[lag] > 0.3 * r[0]:
+            pitches.append(rate / lag)
+    return float(np.median(pitches))
+
+
+@pytest.mark.parametrize("name", speech.FLITE_PITCHED)
+def test_flite_voices_speak_at_the_sampled_pitch_and_back(name):
+    own = median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 0)).audio)
+    assert median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 230)).audio) == pytest.approx(
+        230, rel=0.1
+    )
+    assert median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 0)).audio) == own < 160
+
+
+def test_training_draws_high_pitched_flite_voices():
+    rng = __import__("random").Random(0)
+    pitches = [v.pitch for v in (speech.sample_voice(rng) for _ in range(2000)) if v.engine == "flite"]
+    assert 0.2 < np.mean([p > 0 for p in pitches]) < 0.5
+    assert min(p for p in pitches if p) >= speech.FLITE_PITCH_HZ[0]
+
+
 def test_held_out_voices_never_sampled_for_training():
     rng = __import__("random").Random(0)
     names = {speech.sample_voice(rng).name for _ in range(500)}
