@@ -407,7 +407,7 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
     if not path.exists():
         if s.init:  # a new run from another run's weights: its own schedule and optimizer
             start = torch.load(s.init, weights_only=False)
-            model.load_state_dict(start["model"])
+            model.load_state_dict(grown(start["model"], model.state_dict()))
             if start["ctc_head"]["weight"].shape == ctc_head.weight.shape:
                 ctc_head.load_state_dict(start["ctc_head"])
         return {"step": 0, "best": float("inf")}
@@ -420,6 +420,39 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
         for p in ctc_head.parameters():
             optimizer.state.pop(p, None)
     return {"step": state["step"], "best": state["best"]}
+
+
+LAYER_PREFIX = "language_model.layers."
+
+
+def grown(weights: dict, fresh: dict) -> dict:
+    """`weights` of a shallower run, fitted to a deeper model whose freshly initialised state is `fresh`.
+
+    The old layers become the top ones; the extra layers go at the bottom, where the raw frames need
+    depth before the layers that already read them, and start as identities (their post-norm scales at
+    zero: a layer adds nothing to the residual stream), so the deeper model first computes exactly what
+    the shallower one did. Same depth: the weights as they are."""
+
+    def depth(state: dict) -> int:
+        return 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in state if k.startswith(LAYER_PREFIX))
+
+    extra = depth(fresh) - depth(weights)
+    if extra < 0:
+        raise ValueError(f"--init has {depth(weights)} layers, more than this run's {depth(fresh)}")
+    out = {}
+    for key, value in weights.items():
+        if key.startswith(LAYER_PREFIX):
+            index, rest = key[len(LAYER_PREFIX) :].split(".", 1)
+            key = f"{LAYER_PREFIX}{int(index) + extra}.{rest}"
+        out[key] = value
+    new_layers = tuple(f"{LAYER_PREFIX}{i}." for i in range(extra))
+    for key, value in fresh.items():
+        if key.startswith(new_layers):
+            out[key] = torch.zeros_like(value) if key.endswith(_POST_NORMS) else value
+    return out
+
+
+_POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
 def run_tokenizer(run: Path) -> object:

@@ -186,3 +186,22 @@ def test_interleaved_run_trains_and_decodes_chunk_by_chunk(run_dirs, tmp_path):
     save_default.save_default(s.run, tmp_path / "default", "state")
     overrides = (tmp_path / "default" / "rawwave_runtime.json").read_text()
     assert '"interleaved"' in overrides and '"chunk_frames": 8' in overrides
+
+
+def test_a_deeper_run_starts_from_a_shallower_one_computing_the_same(run_dirs):
+    s = settings(run_dirs, augment_prob=0.0, respond_prob=1.0)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    shallow, head = train.build_model(s, tok.get_vocab_size())
+    deep, _ = train.build_model(replace(s, layers=s.layers + 2, seed=1), tok.get_vocab_size())
+    deep.load_state_dict(train.grown(shallow.state_dict(), deep.state_dict()))
+    data = dataset.Corpus(s.data, "train")
+    batch = train.collate(
+        [train.make_example(*data[i], tok, s, random.Random(i), train=False) for i in range(3)]
+    )
+    with torch.no_grad():
+        ce_shallow, ctc_shallow, _ = train.forward(shallow, head, batch)
+        ce_deep, ctc_deep, _ = train.forward(deep, head, batch)
+    torch.testing.assert_close(ce_deep, ce_shallow)
+    torch.testing.assert_close(ctc_deep, ctc_shallow)
+    with pytest.raises(ValueError, match="more than this run's"):
+        train.grown(deep.state_dict(), shallow.state_dict())
