@@ -49,7 +49,8 @@ class TrainSettings:
     frame: int = 640  # samples per audio soft token (audio_embed_dim); 640 = 40 ms
     format: str = "interleaved"  # prompt format (export/tokenizer.py): "interleaved" or "branch"
     chunk_frames: int = 8  # interleaved: audio frames per chunk (8 x 40 ms = 320 ms)
-    init: str = ""  # a state.pt / best.pt whose weights a fresh run starts from (fresh optimizer)
+    init: str = ""  # a state.pt / best.pt whose weights a fresh run starts from (fresh optimizer);
+    # a shallower one grows into this run's depth (see `grown`)
     # optimization
     batch: int = 48
     lr: float = 2.5e-3
