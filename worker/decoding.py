@@ -91,15 +91,17 @@ class AcceptanceCounts:
 
     accepted: float = 0.0
     rejected: float = 0.0
+    idle_rounds: int = 0  # rounds without drafts since counting began: probes are due every PROBE_EVERY
 
 
 class AdaptiveDrafter:
     """Drafts as many tokens as maximise expected tokens per second, so speculation never costs speed.
 
     A round with k drafts emits 1 + a + a^2 + .. + a^k tokens in expectation when each draft is accepted
-    with probability a given the previous one was (estimated per session, with decay), and costs
-    `costs.seconds(k)` (measured; shared). Each draft length is measured once before it is trusted; when
-    no drafting pays, a one-token probe every PROBE_EVERY rounds keeps the acceptance estimate fresh.
+    with probability a given the previous one was (estimated per part of the output, shared by sessions,
+    with decay), and costs `costs.seconds(k)` (measured; shared). Each draft length is measured once before
+    it is trusted; when no drafting pays, a one-token probe every PROBE_EVERY idle rounds of the part (over
+    all the sessions that share its estimate: a response is shorter than that) keeps the estimate fresh.
     Only speed changes: verification keeps the output exact."""
 
     PROBE_EVERY = 32  # a probe costs about a round: ~3% when drafting does not pay
@@ -114,7 +116,6 @@ class AdaptiveDrafter:
         self.counts = (
             counts.setdefault(part, AcceptanceCounts()) if part and counts is not None else AcceptanceCounts()
         )
-        self.rounds_idle = 0
 
     @property
     def acceptance(self) -> float:
@@ -134,8 +135,8 @@ class AdaptiveDrafter:
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         length = self.choose(min(count, self.num_draft_tokens))
         if length == 0:
-            self.rounds_idle += 1
-            if self.rounds_idle % self.PROBE_EVERY == 0:
+            self.counts.idle_rounds += 1
+            if self.counts.idle_rounds % self.PROBE_EVERY == 0:
                 length = 1
         return self.inner.propose(ctx, token, length) if length else []
 

@@ -225,3 +225,17 @@ def test_sessions_share_what_a_drafter_is_worth_per_part() -> None:
     assert later.acceptance == first.acceptance > 0.9 and later.choose(4) == 4
     fresh = AdaptiveDrafter(good, FixedCosts(costly), part="transcript")
     assert fresh.acceptance == 0.5 and fresh.choose(4) == 0
+
+
+def test_short_sessions_probe_their_shared_estimate() -> None:
+    """Where no draft pays at the prior, the probes that would show a good drafter come every PROBE_EVERY
+    idle rounds of the part, not of one session: 10-token responses would never reach one."""
+    target = ToyTarget(seed=17)
+    good = ToyDrafter(target, num_draft_tokens=4, wrong_every=1000)
+    good.acceptance_counts = {}  # type: ignore[attr-defined]  # as a runtime drafter carries them
+    costs = FixedCosts([1.0, 1.6, 1.9, 2.2, 2.5])  # at the prior (0.5) no draft pays; at 0.9 four do
+    assert AdaptiveDrafter(good, costs, part="response").choose(4) == 0
+    for session in range(2 * AdaptiveDrafter.PROBE_EVERY // 10):
+        adaptive = AdaptiveDrafter(good, costs, part="response")
+        generate(target, target.start([1 + session]), StopRule(frozenset()), 10, drafter=adaptive)
+    assert adaptive.acceptance > 0.6 and adaptive.choose(4) == 4
