@@ -123,9 +123,11 @@ def pair(request, tmp_path_factory):
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to float32 rounding, relative to the values' scale: summation order differs by CPU (an AVX2
+    EPYC measured 1.05e-4 on logits that an AMX Xeon matched within 1e-4)."""
     assert a.shape == b.shape
-    diff = (a - b).abs().max().item()
-    assert diff <= TOL, f"max abs diff {diff}"
+    diff, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
+    assert diff <= TOL * scale, f"max abs diff {diff} at scale {scale}"
 
 
 def positions(batch: int, length: int, start: int = 0) -> torch.Tensor:
