@@ -63,7 +63,8 @@ def test_flite_voices_speak_at_the_sampled_pitch_and_back(name):
     assert median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 230)).audio) == pytest.approx(
         230, rel=0.1
     )
-    assert median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 0)).audio) == own < 160
+    back = median_pitch(speech.synthesize(TEXT, Voice("flite", name, 1.0, 0)).audio)
+    assert back == pytest.approx(own, rel=0.05) and own < 160  # awb's own varies by ~1% between calls
 
 
 def test_training_draws_high_pitched_flite_voices():
