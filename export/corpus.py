@@ -18,6 +18,7 @@ from pathlib import Path
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 WORD_LIST = Path("/usr/share/dict/american-english")
+WORDNET_DIR = Path("/usr/share/wordnet")
 EVAL_SENTENCES = Path(__file__).with_name("eval_sentences.txt")
 
 FALLBACK = "sorry, i can only do arithmetic, lights, thermostat, timers and alarms."
@@ -26,7 +27,7 @@ MAX_CHARS = 140
 
 # The mix of utterance kinds drawn for training (fractions sum to 1).
 KIND_WEIGHTS = {
-    "sentence": 0.42,  # fortunes and stdlib docstrings, whole or a span of words
+    "sentence": 0.42,  # WordNet examples, fortunes and stdlib docstrings, whole or a span of words
     "template": 0.16,  # numbers, times, dates, names, commands
     "words": 0.04,  # random dictionary words: no language model to lean on
     "arithmetic": 0.18,
@@ -193,6 +194,19 @@ def _module_docstrings(name: str) -> list[str]:
     docs = [inspect.getdoc(mod) or ""]
     docs += [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items()) if callable(obj)]
     return [s for d in docs for s in split_sentences(d.split("\n\n")[0]) if ">>>" not in s]
+
+
+@functools.cache
+def wordnet_sentences() -> list[str]:
+    """WordNet's usage examples (the quoted parts of its glosses): ~48k short sentences of everyday
+    English over its whole vocabulary. The fortunes and docstrings alone were ~9k sentences, which a
+    model memorizes (training loss far below the held-out one) instead of learning to listen."""
+    raw = []
+    for path in sorted(WORDNET_DIR.glob("data.*")):
+        for line in path.read_text(errors="ignore").splitlines():
+            if not line.startswith("  ") and "|" in line:  # "  " starts the license header
+                raw += re.findall(r'"([^"]+)"', line.split("|", 1)[1])
+    return _clean_sentences(raw)
 
 
 @functools.cache
@@ -393,14 +407,22 @@ def held_out_sentence(text: str) -> bool:
     return zlib.crc32(text.encode()) % 40 == 0
 
 
+SENTENCE_SOURCES = {
+    "wordnet": wordnet_sentences,
+    "fortunes": fortune_sentences,
+    "docstrings": docstring_sentences,
+}
+SOURCE_WEIGHTS = {"wordnet": 0.5, "fortunes": 0.3, "docstrings": 0.2}
+
+
 @functools.cache
 def sentence_pool(source: str, held_out: bool) -> list[str]:
-    pool = fortune_sentences() if source == "fortunes" else docstring_sentences()
-    return [s for s in pool if held_out_sentence(s) == held_out]
+    return [s for s in SENTENCE_SOURCES[source]() if held_out_sentence(s) == held_out]
 
 
 def sentence(rng: random.Random, held_out: bool = False) -> str:
-    pool = sentence_pool("fortunes" if rng.random() < 0.6 else "docstrings", held_out)
+    source = rng.choices(list(SOURCE_WEIGHTS), weights=list(SOURCE_WEIGHTS.values()))[0]
+    pool = sentence_pool(source, held_out)
     words = rng.choice(pool).split()
     if len(words) > 3 and rng.random() < 0.4:  # a span: short utterances and sentence-internal starts
         n = rng.randint(1, len(words) - 1)

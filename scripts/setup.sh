@@ -9,7 +9,7 @@ mode=${1:-run}
 
 apt_packages=(redis-server)
 if [ "$mode" = dev ]; then
-  apt_packages+=(espeak-ng libespeak-ng1 flite sox ffmpeg chromium docker-compose wamerican fortunes-min)
+  apt_packages+=(espeak-ng libespeak-ng1 flite sox ffmpeg chromium docker-compose wamerican fortunes wordnet-base)
 fi
 
 missing=()

@@ -59,3 +59,16 @@ def test_eval_set_is_committed_and_spoken_form():
     assert len(evals) >= 200
     assert all(corpus.normalize(u.text) == u.text for u in evals)
     assert {u.kind for u in evals} >= {"arithmetic", "home", "sentence"}
+
+
+def test_free_text_comes_from_wordnet_fortunes_and_docstrings():
+    examples = corpus.wordnet_sentences()
+    assert len(examples) > 40_000  # the fortunes and docstrings alone are ~9k: memorized, not heard
+    assert "he relaxed in the hot tub" in examples
+    pools = {source: set(corpus.sentence_pool(source, held_out=False)) for source in corpus.SOURCE_WEIGHTS}
+    rng, seen = random.Random(5), set()
+    for _ in range(300):
+        text = corpus.sentence(rng)
+        seen |= {source for source, pool in pools.items() if any(text in s for s in pool)}
+    assert seen == set(corpus.SOURCE_WEIGHTS)
+    assert not any(corpus.held_out_sentence(s) for pool in pools.values() for s in pool)
