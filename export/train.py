@@ -1,17 +1,20 @@
-"""Training our small gemma4_unified speech model on the synthesized corpus (CPU, resumable).
+"""Training our small gemma4_unified speech model on the synthesized corpus (CPU or CUDA, resumable).
 
 What one example is (export/tokenizer.py): the interleaved prompt, the utterance's raw frames in chunks
 with each chunk's completed words after it and the response in the model turn when asked for one; or
 (--format branch) the frames whole, then "{transcript}<turn|>" or "{transcript}\\n{response}<turn|>".
 Levers from /work/shared/MODEL-NOTES.md: a training-only CTC head on the audio positions (never saved
 into the HF checkpoint), a short-utterance curriculum, audio prefixes cut at random points whose target
-is the words completed by the cut, AdamW with warmup and a cosine schedule, both cores.
+is the words completed by the cut, AdamW with warmup and a cosine schedule, both cores. On CUDA (or with
+--workers on a CPU with cores to spare) worker processes make the next batches while the model trains.
 Knows the model only through export/model.py's API and saves through export/checkpoint.py.
 """
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -60,6 +63,9 @@ class TrainSettings:
     ctc_weight: float = 0.4
     ctc_units: str = "chars"  # the CTC head's alphabet: "chars" (a-z ' space) or "tokens" (the BPE vocab)
     threads: int = 2
+    device: str = "auto"  # "cuda" when present, else "cpu"; or name one
+    bf16: bool = False  # bfloat16 autocast for the forward (AMX / CUDA); weights and optimizer stay fp32
+    workers: int = -1  # processes making batches ahead of the step; -1: none on the CPU, 8 on CUDA
     # data mix
     prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
     respond_prob: float = 0.5  # ask for a response after the transcript
@@ -192,6 +198,9 @@ class Batch:
     ctc_targets: torch.Tensor  # (sum L,)
     ctc_lengths: torch.Tensor  # (B,)
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 def collate(examples: list[Example]) -> Batch:
     B, T = len(examples), max(len(e.prompt.ids) for e in examples)
@@ -257,7 +266,7 @@ def forward(
     """Returns (next-token loss, CTC loss, hidden)."""
     audio = embed_audio_frames(model, batch.frames)  # (sum N, H)
     embeds = model.embed_inputs(batch.ids, audio_features=audio)  # (B, T, H)
-    positions = torch.arange(batch.ids.shape[1]).expand_as(batch.ids)
+    positions = torch.arange(batch.ids.shape[1], device=batch.ids.device).expand_as(batch.ids)
     _, hidden, _ = model.decode(embeds, positions, [], attention_mask=batch.mask, num_logits_to_keep=1)
     rows = batch.labels != IGNORE
     ce = F.cross_entropy(model.logits(hidden[rows]).float(), batch.labels[rows])
@@ -297,19 +306,21 @@ def warmup_cosine(peak: float, warmup: int, steps: int, step: int, floor: float)
 @torch.no_grad()
 def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_tokens: int = 80) -> str:
     """Decode the model turn for one utterance's frames (N, frame) with the KV cache."""
-    p = tokenizer.prompt(tok, len(frames), instruction, None)
-    ids = torch.tensor([p.ids])
-    embeds = model.embed_inputs(ids, audio_features=model.embed_audio(torch.from_numpy(frames)[None])[0])
-    logits, _, past = model.decode(embeds, torch.arange(len(p.ids))[None], [], num_logits_to_keep=1)
+    p, dev = tokenizer.prompt(tok, len(frames), instruction, None), device_of(model)
+    ids = torch.tensor([p.ids], device=dev)
+    audio = model.embed_audio(torch.from_numpy(frames).to(dev)[None])[0]
+    embeds = model.embed_inputs(ids, audio_features=audio)
+    positions = torch.arange(len(p.ids), device=dev)[None]
+    logits, _, past = model.decode(embeds, positions, [], num_logits_to_keep=1)
     out = []
     for t in range(max_tokens):
         token = int(logits[0, -1].argmax())
         if token in (tokenizer.TURN_END, tokenizer.EOS):
             break
         out.append(token)
-        pos = torch.tensor([[len(p.ids) + t]])
+        pos = torch.tensor([[len(p.ids) + t]], device=dev)
         logits, _, past = model.decode(
-            model.embed_tokens(torch.tensor([[token]])), pos, past, num_logits_to_keep=1
+            model.embed_tokens(torch.tensor([[token]], device=dev)), pos, past, num_logits_to_keep=1
         )
     return tok.decode(out)
 
@@ -328,7 +339,7 @@ def greedy_interleaved(
     until the model asks for more audio (`<|audio>`), repeat; as worker/interleaved.py streams it.
     prefix: the user turn's start (default: ours, transcribe); stops: what else ends a chunk's words
     (default: the end of the turn and a newline, which ends a transcript)."""
-    cfg = model.cfg
+    cfg, dev = model.cfg, device_of(model)
     if stops is None:
         stops = (tokenizer.TURN_END, tokenizer.EOS, *tok.encode("\n").ids)
     ids = prefix if prefix is not None else tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
@@ -336,22 +347,26 @@ def greedy_interleaved(
 
     def extend(embeds: torch.Tensor) -> int:
         nonlocal past, length
-        pos = torch.arange(length, length + embeds.shape[1])[None]
+        pos = torch.arange(length, length + embeds.shape[1], device=dev)[None]
         logits, _, past = model.decode(embeds, pos, past, num_logits_to_keep=1)
         length += embeds.shape[1]
         return int(logits[0, -1].argmax())
 
-    extend(model.embed_tokens(torch.tensor([ids])))
+    extend(model.embed_tokens(torch.tensor([ids], device=dev)))
     for k in range(0, len(frames), chunk):
-        audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk])[None])  # (1, C, H)
-        wrap = model.embed_tokens(torch.tensor([[cfg.boa_token_id, cfg.eoa_token_index]]))
+        audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk]).to(dev)[None])  # (1, C, H)
+        wrap = model.embed_tokens(torch.tensor([[cfg.boa_token_id, cfg.eoa_token_index]], device=dev))
         token = extend(torch.cat([wrap[:, :1], audio, wrap[:, 1:]], 1))
         for _ in range(max_words):
             if token == cfg.boa_token_id or token in stops:
                 break
             out.append(token)
-            token = extend(model.embed_tokens(torch.tensor([[token]])))
+            token = extend(model.embed_tokens(torch.tensor([[token]], device=dev)))
     return tok.decode(out)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def cer(hyp: str, ref: str) -> float:
@@ -374,7 +389,7 @@ def evaluate(model, ctc_head, tok, data: Corpus, s: TrainSettings) -> dict:
         examples = [
             make_example(*data[i], tok, held, rng, train=False) for i in range(start, min(count, start + 32))
         ]
-        ces.append(forward(model, ctc_head, collate(examples))[0].item() * len(examples))
+        ces.append(forward(model, ctc_head, collate(examples).to(device_of(model)))[0].item() * len(examples))
     errors = []
     for i in range(min(s.eval_cer_count, len(data))):
         audio, rec = data[i]
@@ -407,12 +422,12 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
     path = run / "state.pt"
     if not path.exists():
         if s.init:  # a new run from another run's weights: its own schedule and optimizer
-            start = torch.load(s.init, weights_only=False)
+            start = torch.load(s.init, weights_only=False, map_location="cpu")
             model.load_state_dict(grown(start["model"], model.state_dict()))
             if start["ctc_head"]["weight"].shape == ctc_head.weight.shape:
                 ctc_head.load_state_dict(start["ctc_head"])
         return {"step": 0, "best": float("inf")}
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")  # load_state_dict moves to the device
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if state["ctc_head"]["weight"].shape == ctc_head.weight.shape:
@@ -467,17 +482,80 @@ def run_tokenizer(run: Path) -> object:
 # ---- the loop ------------------------------------------------------------------------------------------
 
 
+def training_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device")
+    return torch.device(name)
+
+
+_SAMPLER: Sampler | None = None  # a batch worker's copy (forked from the trainer)
+
+
+def _worker_batch(step: int) -> Batch:
+    assert _SAMPLER is not None
+    return _SAMPLER.batch(step)
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)
+
+
+class Prefetcher:
+    """The sampler's batches, made `workers` steps ahead in forked processes while the model trains
+    (on a GPU the step is too short to wait for them). A batch is a function of its step alone, so the
+    batches are the same with any number of workers; 0 makes each one in line."""
+
+    def __init__(self, sampler: Sampler, workers: int) -> None:
+        self.sampler, self.workers = sampler, workers
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.ahead: dict[int, concurrent.futures.Future] = {}
+
+    def batch(self, step: int) -> Batch:
+        if self.workers == 0:
+            return self.sampler.batch(step)
+        if self.pool is None:
+            self.start()
+        assert self.pool is not None
+        for k in range(step, step + 2 * self.workers):
+            if k not in self.ahead:
+                self.ahead[k] = self.pool.submit(_worker_batch, k)
+        for k in [k for k in self.ahead if k < step]:  # a resumed or restarted step
+            self.ahead.pop(k).cancel()
+        return self.ahead.pop(step).result()
+
+    def refresh(self) -> None:
+        """Pick up new shards; the workers' copies are stale then, so they start again."""
+        if self.sampler.refresh() and self.pool is not None:
+            self.close()
+
+    def start(self) -> None:
+        global _SAMPLER
+        _SAMPLER = self.sampler  # what the forked workers inherit
+        context = multiprocessing.get_context("fork")
+        self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, context, initializer=_worker_start)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool, self.ahead = None, {}
+
+
 class Trainer:
     def __init__(self, s: TrainSettings, log=print):
         self.s, self.log, self.run = s, log, Path(s.run)
         self.run.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(s.threads)
+        self.device = training_device(s.device)
         self.tok = run_tokenizer(self.run)
         self.model, self.ctc_head = build_model(s, self.tok.get_vocab_size())
+        self.model.to(self.device), self.ctc_head.to(self.device)
         params = list(self.model.parameters()) + list(self.ctc_head.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
         self.state = load_state(self.run, s, self.model, self.ctc_head, self.optimizer)
-        self.train_data = Sampler(Corpus(s.data, "train"), self.tok, s)
+        workers = s.workers if s.workers >= 0 else (8 if self.device.type == "cuda" else 0)
+        self.train_data = Prefetcher(Sampler(Corpus(s.data, "train"), self.tok, s), workers)
         self.evals = {split: Corpus(s.data, split) for split in ("eval-seen", "eval-heldout")}
         (self.run / "settings.json").write_text(json.dumps(asdict(s), indent=1))
 
@@ -485,9 +563,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.s, step)
         t0 = time.time()
-        batch = self.train_data.batch(step)
+        batch = self.train_data.batch(step).to(self.device)
         t1 = time.time()
-        ce, ctc, _ = forward(self.model, self.ctc_head, batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.bf16):
+            ce, ctc, _ = forward(self.model, self.ctc_head, batch)
         loss = ce + self.s.ctc_weight * ctc
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -507,7 +586,9 @@ class Trainer:
                    best=self.state["best"], settings=asdict(self.s))  # fmt: skip
 
     def weights(self) -> dict:
-        return {"model": self.model.state_dict(), "ctc_head": self.ctc_head.state_dict()}
+        """On the CPU, so that a CUDA run's checkpoints load anywhere."""
+        cpu = lambda m: {k: v.cpu() for k, v in m.state_dict().items()}  # noqa: E731
+        return {"model": cpu(self.model), "ctc_head": cpu(self.ctc_head)}
 
     def keep_best(self, metrics: dict, step: int) -> None:
         loss = metrics.get("eval-seen/loss", float("inf"))
@@ -518,10 +599,17 @@ class Trainer:
             )
 
     def train(self, until: int) -> int:
-        s, step = self.s, self.state["step"]
-        params, utts = count_parameters(self.model) / 1e6, len(self.train_data.data)
+        step = self.state["step"]
+        params, utts = count_parameters(self.model) / 1e6, len(self.train_data.sampler.data)
         self.log(f"train: {params:.2f}M params, {utts} utterances, from step {step}")
-        last_save, window = time.time(), []
+        self.log(f"train: on {self.describe_device()}")
+        try:
+            return self.train_steps(step, until)
+        finally:
+            self.train_data.close()
+
+    def train_steps(self, step: int, until: int) -> int:
+        s, last_save, window = self.s, time.time(), []
         while step < until:
             window.append(self.step(step))
             step += 1
@@ -539,12 +627,19 @@ class Trainer:
                 last_save = time.time()
         return step
 
+    def describe_device(self) -> str:
+        precision = "bf16 autocast" if self.s.bf16 else "fp32"
+        workers = f"{self.train_data.workers} batch workers"
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)}, {precision}, {workers})"
+        return f"cpu ({torch.get_num_threads()} threads, {precision}, {workers})"
+
     def log_window(self, step: int, window: list[dict]) -> None:
         mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
         rate = self.s.batch / (mean["data_s"] + mean["step_s"])
         line = {"step": step, "lr": round(learning_rate(self.s, step), 6), "utt_per_s": round(rate, 1)}
         line.update({k: round(v, 4) for k, v in mean.items()})
-        line["max_seconds"] = round(self.train_data.max_seconds(step), 1)
+        line["max_seconds"] = round(self.train_data.sampler.max_seconds(step), 1)
         self.log("step " + json.dumps(line))
         self.append_metrics({"train": line})
 
@@ -559,7 +654,10 @@ class Trainer:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
 
 

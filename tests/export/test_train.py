@@ -205,3 +205,42 @@ def test_a_deeper_run_starts_from_a_shallower_one_computing_the_same(run_dirs):
     torch.testing.assert_close(ctc_deep, ctc_shallow)
     with pytest.raises(ValueError, match="more than this run's"):
         train.grown(deep.state_dict(), shallow.state_dict())
+
+
+def test_batch_workers_make_the_batches_made_in_line(run_dirs):
+    s = settings(run_dirs)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    inline = train.Prefetcher(train.Sampler(dataset.Corpus(s.data, "train"), tok, s), workers=0)
+    ahead = train.Prefetcher(train.Sampler(dataset.Corpus(s.data, "train"), tok, s), workers=2)
+    try:
+        for step in [0, 1, 2, 5, 3]:  # a step back (a resume) too
+            want, got = inline.batch(step), ahead.batch(step)
+            for name in ("ids", "mask", "labels", "frames", "ctc_targets"):
+                assert torch.equal(getattr(want, name), getattr(got, name)), (step, name)
+    finally:
+        ahead.close()
+
+
+def test_a_bf16_run_with_batch_workers_trains_and_says_on_what(run_dirs, tmp_path):
+    lines = []
+    s = replace(settings(run_dirs), run=str(tmp_path / "run"), bf16=True, workers=1, device="cpu")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.json").write_bytes((run_dirs / "run" / "tokenizer.json").read_bytes())
+    trainer = train.Trainer(s, log=lines.append)
+    assert trainer.train(until=5) == 5
+    assert "train: on cpu (1 threads, bf16 autocast, 1 batch workers)" in lines
+    assert trainer.train_data.pool is None  # closed when training stopped
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_flags_parse_booleans_and_refuse_a_missing_cuda():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert parser.parse_args(["--bf16"]).bf16 and not parser.parse_args(["--no-bf16"]).bf16
+    assert not parser.parse_args([]).bf16 and parser.parse_args([]).device == "auto"
+    if not torch.cuda.is_available():
+        assert train.training_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train.training_device("cuda")
