@@ -219,9 +219,9 @@ def decode_all(
         chunk = [seqs[i] for i in order[k : k + s.gen_batch]]
         if stream is not None and stream.interleaved:
             Lockstep(model, tok, chunk).write(stream.chunk_frames, s.max_tokens)
-            continue
-        for q, turn in zip(chunk, greedy_batch(model, chunk, s.max_tokens), strict=True):
-            q.ids = q.ids + turn
+        else:
+            for q, turn in zip(chunk, greedy_batch(model, chunk, s.max_tokens), strict=True):
+                q.ids = q.ids + turn
         if (k // s.gen_batch) % 10 == 0:
             log(f"sequences: {k + len(chunk)}/{len(seqs)} decoded, {time.time() - t0:.0f} s")
     return seqs
