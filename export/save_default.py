@@ -34,7 +34,7 @@ def load_run(run: Path, which: str = "best") -> tuple[Gemma4Unified, dict, Train
     path = run / f"{which}.pt"
     if not path.exists():
         path = run / "state.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")  # a CUDA run's state.pt too
     s = TrainSettings(**state["settings"])
     vocab = tokenizer.load(run / "tokenizer.json").get_vocab_size()
     model = Gemma4Unified(model_config(s, vocab))

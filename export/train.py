@@ -652,13 +652,18 @@ class Trainer:
 # ---- command line --------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in fields(TrainSettings):
+def add_settings_arguments(parser: argparse.ArgumentParser, settings: type) -> None:
+    """A flag per settings field; booleans as --x / --no-x (type=bool read "False" as True)."""
+    for f in fields(settings):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, TrainSettings)
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
 
 

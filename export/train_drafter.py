@@ -41,7 +41,7 @@ from export.checkpoint import load_model, save_assistant
 from export.dataset import Corpus, stamped
 from export.exporter import TRAINER_FILE
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
-from export.train import frames_of, save_atomically, save_state, warmup_cosine
+from export.train import add_settings_arguments, frames_of, save_atomically, save_state, warmup_cosine
 
 STEP_DECAY = 0.7  # loss weight of draft step j: STEP_DECAY ** (j - 1)
 CHUNK_MAX_TOKENS = 24  # as worker/interleaved.py
@@ -646,9 +646,7 @@ def _decode_streamed(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in fields(DrafterSettings):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default)
+    add_settings_arguments(parser, DrafterSettings)
     parser.add_argument("--until", type=int, default=None, help="stop at this step (default: --steps)")
     parser.add_argument("--measure-only", action="store_true", help="only measure the saved assistant")
 
