@@ -63,7 +63,7 @@ def test_eval_set_is_committed_and_spoken_form():
 
 def test_free_text_comes_from_wordnet_fortunes_and_docstrings():
     examples = corpus.wordnet_sentences()
-    assert len(examples) > 40_000  # the fortunes and docstrings alone are ~9k: memorized, not heard
+    assert len(examples) > 40_000  # fortunes-min's and the docstrings' ~3.3k were memorized, not heard
     assert "he relaxed in the hot tub" in examples
     pools = {source: set(corpus.sentence_pool(source, held_out=False)) for source in corpus.SOURCE_WEIGHTS}
     rng, seen = random.Random(5), set()
