@@ -9,9 +9,9 @@ import functools
 import glob
 import inspect
 import json
-import pkgutil
 import random
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +171,9 @@ def fortune_sentences() -> list[str]:
 @functools.cache
 def docstring_sentences() -> list[str]:
     """Prose from the Python standard library's own docstrings (first paragraph of each)."""
-    raw = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_")):
+    raw = []  # the standard library alone: importing every package on the path (a GPU machine's jax,
+    # cupy, lightning...) is slow and draws prose that differs from one machine to the next
+    for mod in sorted(m for m in sys.stdlib_module_names if not m.startswith("_")):
         if mod in {"antigravity", "this", "idlelib", "turtledemo", "tkinter"}:
             continue
         raw.extend(_module_docstrings(mod))

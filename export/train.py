@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,7 @@ class TrainSettings:
     eval_loss_count: int = 120  # held-out utterances per split for the teacher-forced loss
     eval_cer_count: int = 24  # greedy-decoded held-out utterances per split
     checkpoint_seconds: float = 300.0
+    seconds: float = 0.0  # > 0: a wall-clock budget; the cosine horizon (steps) is refitted to what fits
 
 
 def model_config(s: TrainSettings, vocab_size: int) -> Config:
@@ -438,6 +439,10 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
     return {"step": state["step"], "best": state["best"]}
 
 
+# --seconds measures the pace between these steps of a run (after the batch workers and the device warm
+# up) and keeps this share of the time left for steps.
+FIT_FROM, FIT_AT, FIT_MARGIN = 50, 150, 0.9
+
 LAYER_PREFIX = "language_model.layers."
 
 
@@ -495,6 +500,7 @@ _SAMPLER: Sampler | None = None  # a batch worker's copy (forked from the traine
 
 def _worker_batch(step: int) -> Batch:
     assert _SAMPLER is not None
+    _SAMPLER.refresh()  # the corpus may still be growing: each worker picks up new shards itself
     return _SAMPLER.batch(step)
 
 
@@ -526,9 +532,10 @@ class Prefetcher:
         return self.ahead.pop(step).result()
 
     def refresh(self) -> None:
-        """Pick up new shards; the workers' copies are stale then, so they start again."""
-        if self.sampler.refresh() and self.pool is not None:
-            self.close()
+        """Pick up new shards. The workers refresh their own copies before each batch, so the pool keeps
+        running: restarting it whenever shards arrived (every few steps on a GPU training while its corpus
+        is generated) cost more than the steps."""
+        self.sampler.refresh()
 
     def start(self) -> None:
         global _SAMPLER
@@ -611,9 +618,15 @@ class Trainer:
 
     def train_steps(self, step: int, until: int) -> int:
         s, last_save, window = self.s, time.time(), []
+        first, started, clock = step, time.time(), {}
         while step < until:
             window.append(self.step(step))
             step += 1
+            if s.seconds > 0 and step - first in (FIT_FROM, FIT_AT):
+                clock[step - first] = time.time()
+                if step - first == FIT_AT:
+                    pace = (FIT_AT - FIT_FROM) / (clock[FIT_AT] - clock[FIT_FROM])
+                    until, s = self.fit_schedule(step, pace, started), self.s
             if step % s.log_every == 0:
                 self.log_window(step, window)
                 window = []
@@ -627,6 +640,16 @@ class Trainer:
                 self.checkpoint(step)
                 last_save = time.time()
         return step
+
+    def fit_schedule(self, step: int, steps_per_second: float, started: float) -> int:
+        """--seconds: the steps left at the measured pace (less a margin for evaluations and the last
+        checkpoint) become the cosine horizon and the last step: on a lent machine the time is fixed and
+        the pace is not known until it runs."""
+        left = self.s.seconds - (time.time() - started)
+        last = max(step + 1, step + int(FIT_MARGIN * left * steps_per_second))
+        self.s = replace(self.s, steps=last)
+        self.log(f"train: {steps_per_second:.2f} steps/s, {left:.0f} s left: schedule ends at step {last}")
+        return last
 
     def describe_device(self) -> str:
         precision = "bf16 autocast" if self.s.bf16 else "fp32"

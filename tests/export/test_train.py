@@ -221,6 +221,30 @@ def test_batch_workers_make_the_batches_made_in_line(run_dirs):
         ahead.close()
 
 
+def test_batch_workers_pick_up_shards_written_while_they_run(run_dirs, tmp_path):
+    """Training while the corpus is generated: later batches draw from the new shards too."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for suffix in (".npy", ".jsonl"):
+        (data / f"train-00000{suffix}").write_bytes((run_dirs / "data" / f"train-00000{suffix}").read_bytes())
+    s = replace(settings(run_dirs), data=str(data), bucket=0)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    ahead = train.Prefetcher(train.Sampler(dataset.Corpus(s.data, "train"), tok, s), workers=1)
+    try:
+        ahead.batch(0)
+        for suffix in (".npy", ".jsonl"):  # the generator's order: audio first, records last
+            (data / f"train-00001{suffix}").write_bytes((data / f"train-00000{suffix}").read_bytes())
+        ahead.refresh()
+        assert ahead.pool is not None  # still running
+        both = train.Sampler(dataset.Corpus(s.data, "train"), tok, s)
+        assert len(both.data) == 2 * len(UTTERANCES)
+        for step in (10, 11):  # not yet asked for when the shard arrived
+            want, got = both.batch(step), ahead.batch(step)
+            assert torch.equal(want.ids, got.ids) and torch.equal(want.frames, got.frames), step
+    finally:
+        ahead.close()
+
+
 def test_a_bf16_run_with_batch_workers_trains_and_says_on_what(run_dirs, tmp_path):
     lines = []
     s = replace(settings(run_dirs), run=str(tmp_path / "run"), bf16=True, workers=1, device="cpu")
@@ -231,6 +255,21 @@ def test_a_bf16_run_with_batch_workers_trains_and_says_on_what(run_dirs, tmp_pat
     assert "train: on cpu (1 threads, bf16 autocast, 1 batch workers)" in lines
     assert trainer.train_data.pool is None  # closed when training stopped
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_a_time_budget_refits_the_schedule_to_the_measured_pace(run_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "FIT_FROM", 2)
+    monkeypatch.setattr(train, "FIT_AT", 6)
+    lines = []
+    s = replace(settings(run_dirs), run=str(tmp_path / "run"), steps=10**6, seconds=20.0, eval_every=10**6)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.json").write_bytes((run_dirs / "run" / "tokenizer.json").read_bytes())
+    trainer = train.Trainer(s, log=lines.append)
+    last = trainer.train(until=s.steps)
+    fitted = [line for line in lines if "schedule ends at step" in line]
+    assert len(fitted) == 1 and fitted[0].endswith(f"step {last}")
+    assert 6 < last < 10**6 and trainer.s.steps == last
+    assert train.learning_rate(trainer.s, last) == pytest.approx(0.1 * s.lr)  # the cosine ran its course
 
 
 def test_flags_parse_booleans_and_refuse_a_missing_cuda():
