@@ -565,7 +565,7 @@ class Trainer:
         workers = s.workers if s.workers >= 0 else (8 if self.device.type == "cuda" else 0)
         self.train_data = Prefetcher(Sampler(Corpus(s.data, "train"), self.tok, s), workers)
         self.evals = {split: Corpus(s.data, split) for split in ("eval-seen", "eval-heldout")}
-        (self.run / "settings.json").write_text(json.dumps(asdict(s), indent=1))
+        self.write_settings()
 
     def step(self, step: int) -> dict:
         for group in self.optimizer.param_groups:
@@ -641,6 +641,9 @@ class Trainer:
                 last_save = time.time()
         return step
 
+    def write_settings(self) -> None:
+        (self.run / "settings.json").write_text(json.dumps(asdict(self.s), indent=1))
+
     def fit_schedule(self, step: int, steps_per_second: float, started: float) -> int:
         """--seconds: the steps left at the measured pace (less a margin for evaluations and the last
         checkpoint) become the cosine horizon and the last step: on a lent machine the time is fixed and
@@ -648,6 +651,7 @@ class Trainer:
         left = self.s.seconds - (time.time() - started)
         last = max(step + 1, step + int(FIT_MARGIN * left * steps_per_second))
         self.s = replace(self.s, steps=last)
+        self.write_settings()
         self.log(f"train: {steps_per_second:.2f} steps/s, {left:.0f} s left: schedule ends at step {last}")
         return last
 

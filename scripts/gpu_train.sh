@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 BATCH=${BATCH:-256} LR=${LR:-0.002} WARMUP=${WARMUP:-200} LAYERS=${LAYERS:-8}
 SYNTH=${SYNTH:-7} WORKERS=${WORKERS:-8} COUNT=${COUNT:-400000} EVAL_EVERY=${EVAL_EVERY:-1000}
 TRAIN_SECONDS=${TRAIN_SECONDS:-460} DEVICE=${DEVICE:-cuda} INIT=${INIT:-checkpoints/train-state/best.pt}
-WORK=${WORK:-/tmp/rawwave}
+# Training starts once MIN_SHARDS training shards (500 utterances each) are in: a run that started on 6k
+# utterances with 5 synthesis processes (~250 utt/s against ~1200 consumed) overfitted them (held-out loss
+# rose) before the corpus caught up; one that started on 8.5k with 7 (~470 utt/s) recovered.
+MIN_SHARDS=${MIN_SHARDS:-$SYNTH} WORK=${WORK:-/tmp/rawwave}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 say() { echo "$(date +%H:%M:%S) gpu_train: $*"; }
 
@@ -51,7 +54,7 @@ EOF
 say "synthesizing $COUNT utterances with $SYNTH processes, in the background"
 python3 -m export.dataset --out "$WORK/corpus" --count "$COUNT" --workers "$SYNTH" >"$OUT/data.log" 2>&1 &
 synth=$!
-until [ "$(ls "$WORK"/corpus/train-*.jsonl 2>/dev/null | wc -l)" -ge "$SYNTH" ] &&
+until [ "$(ls "$WORK"/corpus/train-*.jsonl 2>/dev/null | wc -l)" -ge "$MIN_SHARDS" ] &&
   [ -e "$WORK/corpus/eval-heldout-00000.jsonl" ]; do
   kill -0 $synth 2>/dev/null || { cat "$OUT/data.log"; exit 1; }
   sleep 1

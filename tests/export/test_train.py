@@ -1,5 +1,6 @@
 """Training on a real (tiny) synthesized corpus: examples, loss going down, resume, the saved checkpoint."""
 
+import json
 import random
 from dataclasses import replace
 
@@ -269,6 +270,7 @@ def test_a_time_budget_refits_the_schedule_to_the_measured_pace(run_dirs, tmp_pa
     fitted = [line for line in lines if "schedule ends at step" in line]
     assert len(fitted) == 1 and fitted[0].endswith(f"step {last}")
     assert 6 < last < 10**6 and trainer.s.steps == last
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["steps"] == last
     assert train.learning_rate(trainer.s, last) == pytest.approx(0.1 * s.lr)  # the cosine ran its course
 
 
