@@ -532,10 +532,12 @@ class Prefetcher:
         return self.ahead.pop(step).result()
 
     def refresh(self) -> None:
-        """Pick up new shards. The workers refresh their own copies before each batch, so the pool keeps
-        running: restarting it whenever shards arrived (every few steps on a GPU training while its corpus
-        is generated) cost more than the steps."""
-        self.sampler.refresh()
+        """Pick up new shards, in line. Batch workers refresh their own copies before each batch instead
+        (restarting the pool whenever shards arrived, every few steps on a GPU training while its corpus
+        is generated, cost more than the steps), so the trainer's copy is left alone then: reading every
+        new shard's records a second time in the process that drives the GPU would serve nothing."""
+        if self.workers == 0:
+            self.sampler.refresh()
 
     def start(self) -> None:
         global _SAMPLER
