@@ -3,11 +3,13 @@
 
 Per evaluation utterance: the transcript (forced audio suffix, then greedy; for a model trained in the
 interleaved format, every chunk's words as the worker's session writes them) and the response after it,
-each decoded with no drafter, with the drafter at its full k ("fixed") and with the worker's
-`AdaptiveDrafter` ("adaptive"); best of REPEATS timings. Reports tokens/s, acceptance (accepted /
-drafted), mean accepted length (tokens per decoder call) and whether every output matched token for
-token. With no trained assistant checkpoint yet, a seeded random assistant stands in: it measures what
-drafting costs when almost nothing is accepted, not what a trained drafter gains.
+each decoded with no drafter, with the drafter at its full k ("fixed"), with the worker's
+`AdaptiveDrafter` verifying every draft it asks for ("ungated") and as served, its drafts stopping at
+the first below Settings.mtp_confidence ("adaptive"); best of REPEATS timings. Reports tokens/s,
+acceptance (accepted / drafted), mean accepted length (tokens per decoder call) and whether every
+output matched token for token. With no trained assistant checkpoint yet, a seeded random assistant
+stands in: it measures what drafting costs when almost nothing is accepted, not what a trained drafter
+gains.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from worker.session import Prompt, StreamingOptions
 
 REPEATS = 3
 MAX_TOKENS = 128
-MODES = ("off", "fixed", "adaptive")
+MODES = ("off", "fixed", "ungated", "adaptive")
 
 
 def audio_context(runtime: Runtime, prompt: Prompt, pcm: np.ndarray) -> Context:
@@ -42,9 +44,14 @@ def audio_context(runtime: Runtime, prompt: Prompt, pcm: np.ndarray) -> Context:
 
 
 def drafter_for(runtime: Runtime, mode: str, part: str | None = None) -> Any:
+    """off: none; fixed: all k drafts every round; ungated: the worker's policy verifying every draft it
+    asks for; adaptive: the worker's policy as served (drafts stop below Settings.mtp_confidence)."""
     if mode == "off" or runtime.drafter is None:
         return None
-    return runtime.drafter if mode == "fixed" else AdaptiveDrafter(runtime.drafter, part=part)
+    if mode == "fixed":
+        return runtime.drafter
+    confidence = Settings().mtp_confidence if mode == "adaptive" else 0.0
+    return AdaptiveDrafter(runtime.drafter, part=part, confidence=confidence)
 
 
 def decode_both(runtime: Runtime, prompt: Prompt, ctx: Context, mode: str) -> dict[str, Any]:
@@ -157,6 +164,7 @@ def main(quick: bool = False) -> int:
                     "num_draft_tokens": runtime.drafter.num_draft_tokens,
                     "ort_intra_threads": 1,
                     "speedup_mode": "adaptive (as the worker drafts)",
+                    "mtp_confidence": Settings().mtp_confidence,
                 },
                 "load_before": load_before,
                 "load_after": load(),

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from export import tokenizer
 from export.assistant import Assistant, AssistantConfig, shared_kv_from_present
-from export.checkpoint import load_model, save_assistant
+from export.checkpoint import load_assistant, load_model, save_assistant
 from export.dataset import Corpus, stamped
 from export.exporter import TRAINER_FILE
 from export.model import FULL, SLIDING, Gemma4Unified, TextConfig, _additive, count_parameters
@@ -55,6 +55,7 @@ class DrafterSettings:
     out: str = "checkpoints/default-assistant"  # the saved assistant (HF layout)
     data: str = "data/corpus"  # export.dataset output
     run: str = "runs/drafter"  # sequences.pt, state.pt, metrics.jsonl, the measurement's model dir
+    init: str = ""  # an assistant (HF layout) a fresh run starts from: more data for a trained drafter
     seed: int = 0
     # the assistant (layers alternate sliding/full, the last full; heads of the target's head_dim)
     hidden: int = 256
@@ -484,6 +485,8 @@ class DrafterTrainer:
         self.stream = StreamFormat.of(s.checkpoint)
         self.cfg = assistant_config(s, self.target.cfg.text)
         self.assistant = build_assistant(self.cfg, self.target, s.seed)
+        if s.init:
+            self.start_from(s.init)
         self.optimizer = torch.optim.AdamW(
             self.assistant.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay
         )
@@ -507,6 +510,14 @@ class DrafterTrainer:
         written = [sum(q.written_mask()) for q in seqs]
         self.log(f"sequences {split}: {len(seqs)}, the target wrote {np.mean(written):.1f} tokens each")
         return seqs
+
+    def start_from(self, path: str) -> None:
+        """A saved assistant's weights (a state.pt of this run, when there is one, replaces them)."""
+        saved = load_assistant(path, dtype=torch.float32)
+        if saved.cfg != self.cfg:
+            raise ValueError(f"--init {path}: its config differs from this run's (--hidden/--layers/--heads)")
+        self.assistant.load_state_dict(saved.state_dict())
+        self.log(f"drafter: starting from {path}")
 
     def load_state(self) -> dict:
         path = self.run / "state.pt"
@@ -584,8 +595,11 @@ def measure(s: DrafterSettings, log=print) -> dict:
     runtime = Runtime(model_dir, Settings(ort_intra_threads=s.threads, ort_inter_threads=1))
     assert runtime.drafter is not None, "the export has no drafter"
     prompt, data = Prompt.of(runtime, respond=True), Corpus(s.data, "eval-heldout")
-    modes = {"off": lambda: None, "fixed": lambda: runtime.drafter,
-             "adaptive": lambda: AdaptiveDrafter(runtime.drafter)}  # fmt: skip
+
+    def adaptive() -> AdaptiveDrafter:  # as a session's: shared estimates, drafts gated as served
+        return AdaptiveDrafter(runtime.drafter, part="transcript", confidence=Settings().mtp_confidence)
+
+    modes = {"off": lambda: None, "fixed": lambda: runtime.drafter, "adaptive": adaptive}
     stats = {m: {part: DecodeStats() for part in ("transcript", "response")} for m in modes}
     decode = _decode_streamed if runtime.config.streaming.format == "interleaved" else _decode_both
     identical = True
@@ -619,7 +633,7 @@ def _decode_both(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> tupl
     transcript = generate(runtime, ctx, prompt.transcript_stop, budget, drafter, prompt.suffix)
     text, end = transcript.tokens[len(prompt.suffix) :], prompt.transcript_end
     after = transcript.ctx if text[-len(end) :] == end else prefill(runtime, transcript.ctx, end)
-    response = generate(runtime, after, prompt.response_stop, 128, drafter)
+    response = generate(runtime, after, prompt.response_stop, 128, _response_drafter(drafter))
     stats["transcript"].add(transcript.stats)
     stats["response"].add(response.stats)
     return transcript.tokens, response.tokens
@@ -630,16 +644,22 @@ def _decode_streamed(runtime, prompt, pcm: np.ndarray, drafter, stats: dict) -> 
     this drafter; its finals and responses."""
     from export.evaluate import decode
     from rawwave.settings import Settings
-    from worker.decoding import AdaptiveDrafter
     from worker.session import StreamingOptions
 
     options = StreamingOptions.of(runtime.config, Settings(mtp=False))
-    adaptive = isinstance(drafter, AdaptiveDrafter)  # the response gets its own estimate, as in the worker
-    response_drafter = AdaptiveDrafter(drafter.inner, part="response") if adaptive else drafter
-    out = decode(runtime, options, pcm.tobytes(), True, drafters=(drafter, response_drafter))
+    out = decode(runtime, options, pcm.tobytes(), True, drafters=(drafter, _response_drafter(drafter)))
     stats["transcript"].add(out.transcript_stats)
     stats["response"].add(out.response_stats)
     return out.finals, out.responses
+
+
+def _response_drafter(drafter):
+    """The response's drafter: an adaptive one gets the response's own shared estimate, as in the worker."""
+    from worker.decoding import AdaptiveDrafter
+
+    if not isinstance(drafter, AdaptiveDrafter):
+        return drafter
+    return AdaptiveDrafter(drafter.inner, part="response", confidence=drafter.confidence)
 
 
 # ---- command line --------------------------------------------------------------------------------------

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         "all", description="ONNX Runtime graph optimization level."
     )
     mtp: bool = Field(True, description="Speculative decoding with the MTP drafter.")
+    mtp_confidence: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A draft round stops at the first draft the drafter gives less probability than this "
+        "(0: verify every draft).",
+    )
     partial_interval_ms: int | None = Field(
         None,
         ge=40,

@@ -57,6 +57,12 @@ class Drafter(Protocol):
         ...
 
 
+class ScoredDrafter(Drafter, Protocol):
+    def propose_scored(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
+        """`propose`, with the drafter's own probability of each guess."""
+        ...
+
+
 class RoundCosts:
     """Seconds per decoding round by draft length (0..k): a property of the hardware and the graphs, not
     of the audio, so one table is shared by every session of a drafter. The median of the last WINDOW
@@ -97,29 +103,49 @@ class AcceptanceCounts:
 class AdaptiveDrafter:
     """Drafts as many tokens as maximise expected tokens per second, so speculation never costs speed.
 
-    A round with k drafts emits 1 + a + a^2 + .. + a^k tokens in expectation when each draft is accepted
-    with probability a given the previous one was (estimated per part of the output, shared by sessions,
-    with decay), and costs `costs.seconds(k)` (measured; shared). Each draft length is measured once before
-    it is trusted; when no drafting pays, a one-token probe every PROBE_EVERY idle rounds of the part (over
-    all the sessions that share its estimate: a response is shorter than that) keeps the estimate fresh.
-    Only speed changes: verification keeps the output exact."""
+    A round that asks the drafter for k tokens emits 1 + a + a^2 + .. + a^k tokens in expectation when
+    each drafted position yields a kept token with probability a given the previous one did (estimated
+    per part of the output, shared by sessions, with decay), and costs `costs.seconds(k)` (measured;
+    shared). Each length is measured once before it is trusted; when no drafting pays, a one-token probe
+    every PROBE_EVERY idle rounds of the part (over all the sessions that share its estimate: a response
+    is shorter than that) keeps the estimate fresh.
+
+    Within a round, drafts stop at the first one the drafter itself gives less than `confidence`
+    probability (transformers' assistant_confidence_threshold): verifying a likely miss costs a wider
+    decoder call and saves nothing. A chain that ends short of k counts against a whatever ended it (a
+    rejection, an unconfident draft, a drafted stop, the output's end): each leaves the rest of the round
+    paid for and unused, so the estimate prices what a round of k delivers, and a part whose outputs are a
+    token or two (an interleaved chunk's words) learns that drafting it rarely pays. Only speed changes:
+    verification keeps the output exact."""
 
     PROBE_EVERY = 32  # a probe costs about a round: ~3% when drafting does not pay
     DECAY = 0.95  # per round, on the acceptance counts: about the last 20 rounds
+    # Drafting must promise this much more than plain rounds: round costs drift with the cache length and
+    # the machine (a plain round's median moved 35% within 40 utterances), and a part that gains at most
+    # a few percent (an interleaved chunk's words) lost 7-13% when noise made it look worth drafting.
+    MARGIN = 1.1
 
-    def __init__(self, inner: Drafter, costs: RoundCosts | None = None, part: str | None = None) -> None:
+    def __init__(
+        self,
+        inner: Drafter,
+        costs: RoundCosts | None = None,
+        part: str | None = None,
+        confidence: float = 0.0,
+    ) -> None:
         self.inner = inner
         self.num_draft_tokens = inner.num_draft_tokens
+        self.confidence = confidence
         shared = getattr(inner, "round_costs", None)  # a runtime drafter carries one table for all sessions
         self.costs = costs or shared or RoundCosts(inner.num_draft_tokens)
         counts = getattr(inner, "acceptance_counts", None)  # and one estimate per part
         self.counts = (
             counts.setdefault(part, AcceptanceCounts()) if part and counts is not None else AcceptanceCounts()
         )
+        self.asked = 0  # drafts asked of the inner drafter this round: what the round is priced as
 
     @property
     def acceptance(self) -> float:
-        """P(a draft is accepted | the previous one was), with a uniform prior."""
+        """P(a drafted position yields a kept token | the previous one did), with a uniform prior."""
         c = self.counts
         return (c.accepted + 1) / (c.accepted + c.rejected + 2)
 
@@ -130,7 +156,8 @@ class AdaptiveDrafter:
             return unmeasured[-1]
         a = self.acceptance
         rates = [sum(a**i for i in range(k + 1)) / self.costs.seconds(k) for k in range(count + 1)]
-        return max(range(count + 1), key=rates.__getitem__)
+        best = max(range(count + 1), key=rates.__getitem__)
+        return best if rates[best] >= self.MARGIN * rates[0] else 0
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         length = self.choose(min(count, self.num_draft_tokens))
@@ -138,20 +165,25 @@ class AdaptiveDrafter:
             self.counts.idle_rounds += 1
             if self.counts.idle_rounds % self.PROBE_EVERY == 0:
                 length = 1
-        return self.inner.propose(ctx, token, length) if length else []
+        self.asked = length
+        if not length:
+            return []
+        scored = getattr(self.inner, "propose_scored", None)
+        if scored is None or self.confidence <= 0:
+            return self.inner.propose(ctx, token, length)
+        drafts, probabilities = scored(ctx, token, length)
+        confident = next((i for i, p in enumerate(probabilities) if p < self.confidence), len(drafts))
+        return drafts[:confident]
 
-    def observe(
-        self, drafted: int, accepted: int, seconds: float | None = None, counted: int | None = None
-    ) -> None:
-        """A finished round: how many drafts were verified, how long it took, and how many of the
-        `counted` ones (default: all drafted; fewer when the output stopped inside them) were accepted."""
+    def observe(self, accepted: int, seconds: float | None = None) -> None:
+        """A finished round: `accepted` drafts kept, in `seconds`."""
+        asked, self.asked = self.asked, 0
         if seconds is not None:
-            self.costs.observe(drafted, seconds)
-        counted = drafted if counted is None else counted
-        if counted:
+            self.costs.observe(asked, seconds)
+        if asked:
             c = self.counts
             c.accepted = self.DECAY * c.accepted + accepted
-            c.rejected = self.DECAY * c.rejected + (accepted < counted)
+            c.rejected = self.DECAY * c.rejected + (accepted < asked)
 
 
 @dataclass(frozen=True)
@@ -273,17 +305,17 @@ def generate(
             if stop.stops_before(first):
                 return _done(tokens, ctx, True, stats, start, len(forced))
             committed, first_generated = [first], 0
-            drafts = _first_drafts(drafter, ctx, first, drafts, max_tokens - len(tokens) - 1)
+            drafts = _first_drafts(drafter, ctx, first, drafts, max_tokens - len(tokens) - 1, stop)
         drafts = drafts[: max(0, max_tokens - len(tokens) - len(committed))]
         round_ = verify(target, ctx, committed, drafts)
         guessing = bool(guess) and stats.calls == 0
         kept, stopped = _take(round_, first_generated, stop, tokens)
         accepted, counted = _accepted(round_, kept, stopped, stop, len(drafts))
         _count(stats, accepted, counted, guessing)
+        ctx = round_.context(target, kept)
         if isinstance(drafter, AdaptiveDrafter) and not guessing and len(committed) == 1:
             seconds = time.perf_counter() - round_start  # a plain round: one committed token + drafts
-            drafter.observe(len(drafts), accepted, seconds, counted)
-        ctx = round_.context(target, kept)
+            drafter.observe(accepted, seconds)
         if stopped:
             return _done(tokens, ctx, True, stats, start, len(forced))
         committed, drafts = [], []
@@ -291,14 +323,17 @@ def generate(
 
 
 def _first_drafts(
-    drafter: Drafter | None, ctx: Context, first: int, guess: list[int], budget: int
+    drafter: Drafter | None, ctx: Context, first: int, guess: list[int], budget: int, stop: StopRule
 ) -> list[int]:
-    """A pending guess that starts with the target's own token is the best draft; else ask the drafter."""
+    """A pending guess that starts with the target's own token is the best draft; else ask the drafter.
+    Drafts end before a drafted stop: the target's logits tell a stop for free, so verifying one saves
+    no call (an interleaved chunk's words end in one: ~40% of transcript drafts)."""
     if guess:
         return guess[1:] if guess[0] == first else []
     if drafter is None or budget <= 0:
         return []
-    return drafter.propose(ctx, first, min(drafter.num_draft_tokens, budget))
+    drafts = drafter.propose(ctx, first, min(drafter.num_draft_tokens, budget))
+    return next((drafts[:i] for i, t in enumerate(drafts) if stop.stops_before(t)), drafts)
 
 
 def _take(round_: Round, first_generated: int, stop: StopRule, tokens: list[int]) -> tuple[int, bool]:

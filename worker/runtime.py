@@ -299,20 +299,31 @@ class Drafter:
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         """Greedy drafts after `token` (at position ctx.length), starting from the target's hidden state."""
         if self.steps is not None and 2 * count > self.num_draft_tokens:  # one call beats count > k/2 steps
-            return self._propose_round(ctx, token)[:count]
+            return self._propose_round(ctx, token, ["draft_ids"])[0][:count]
+        return self.propose_scored(ctx, token, count)[0]
+
+    def propose_scored(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
+        """`propose`, with the drafter's softmax probability of each draft."""
+        if self.steps is not None and 2 * count > self.num_draft_tokens:  # one call beats count > k/2 steps
+            drafts, logits = self._propose_round(ctx, token, ["draft_ids", "draft_logits"])
+            return drafts[:count], [top_probability(row) for row in logits[:count]]
         kv = {name: ctx.cache.tensors[i] for name, i in zip(self.roles.kv, self.shared, strict=True)}
         hidden = ctx.hidden[None, None].astype(self.hidden_type, copy=False)  # (1, 1, Hb)
         position = np.array([[ctx.length]], np.int64)  # (1, 1) fixed for the whole round, as the reference
         drafts: list[int] = []
+        probabilities: list[float] = []
         for _ in range(count):
             embeds = self.runtime.embed_tokens([token])[None]  # (1, 1, Hb)
             logits, hidden = self._step(embeds, hidden, position, kv, ctx.length)
-            token = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+            row = logits.reshape(-1, logits.shape[-1])[-1]  # (V,)
+            token = int(row.argmax())
             drafts.append(token)
-        return drafts
+            probabilities.append(top_probability(row))
+        return drafts, probabilities
 
-    def _propose_round(self, ctx: Context, token: int) -> list[int]:
-        """All num_draft_tokens drafts in one drafter_steps call."""
+    def _propose_round(self, ctx: Context, token: int, outputs: list[str]) -> tuple[list[int], np.ndarray]:
+        """All num_draft_tokens drafts in one drafter_steps call; with "draft_logits" among `outputs`, their
+        logits (k, V) too (a real Gemma's are 1 MB a draft: fetched only to be read)."""
         assert self.steps is not None
         kv = {name: ctx.cache.tensors[i] for name, i in zip(self.steps_kv, self.shared, strict=True)}
         host = {
@@ -322,10 +333,11 @@ class Drafter:
         }
         self.calls += 1
         if self.runtime.device == "cpu":
-            (drafts,) = self.steps.session.run(["draft_ids"], host | kv)
+            got = dict(zip(outputs, self.steps.session.run(outputs, host | kv), strict=True))
         else:
-            drafts = run_bound(self.steps, host, kv, set())[0]
-        return [int(t) for t in drafts[0]]  # (k,)
+            got = dict(zip(self.steps.output_names, run_bound(self.steps, host, kv, set()), strict=True))
+        logits = np.asarray(got["draft_logits"][0]) if "draft_logits" in outputs else np.zeros((0, 0))
+        return [int(t) for t in got["draft_ids"][0]], logits
 
     def _step(
         self, embeds: np.ndarray, hidden: np.ndarray, position: np.ndarray, kv: dict[str, Any], length: int
@@ -344,6 +356,12 @@ class Drafter:
         else:
             out = dict(zip(self.graph.output_names, run_bound(self.graph, host, kv, set()), strict=True))
         return out[roles.logits], out[roles.next_hidden]
+
+
+def top_probability(logits: np.ndarray) -> float:
+    """The softmax probability of the argmax of one row of logits."""
+    row = logits.astype(np.float64)
+    return float(1.0 / np.exp(row - row.max()).sum())
 
 
 VISION_INPUTS = ("pixel_patches", "patch_xy")

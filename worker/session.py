@@ -76,6 +76,7 @@ class StreamingOptions:
     max_transcript_tokens: int
     max_response_tokens: int
     mtp: bool
+    mtp_confidence: float = 0.0  # see Settings.mtp_confidence
 
     @classmethod
     def of(cls, config: RuntimeConfig, settings: Settings) -> StreamingOptions:
@@ -98,6 +99,7 @@ class StreamingOptions:
             max_transcript_tokens=streaming.max_transcript_tokens,
             max_response_tokens=settings.max_response_tokens,
             mtp=settings.mtp,
+            mtp_confidence=settings.mtp_confidence,
         )
 
 
@@ -250,8 +252,13 @@ class StreamingSession:
         drafting = options.mtp and runtime.drafter is not None
         # Transcripts and responses get their own acceptance estimate (one round-cost table): a drafter
         # that guesses responses well but a chunk's few words poorly must not stop drafting responses.
-        self.drafter = AdaptiveDrafter(runtime.drafter, part="transcript") if drafting else None
-        self.response_drafter = AdaptiveDrafter(runtime.drafter, part="response") if drafting else None
+        confident = options.mtp_confidence
+        self.drafter = (
+            AdaptiveDrafter(runtime.drafter, part="transcript", confidence=confident) if drafting else None
+        )
+        self.response_drafter = (
+            AdaptiveDrafter(runtime.drafter, part="response", confidence=confident) if drafting else None
+        )
         start = runtime.start(self.prompt.prefix, soft)
         self.prefix = Context(start.cache, start.length, NO_ROW, NO_ROW)
         self.samples = np.zeros(0, np.int16)  # received, not yet a whole frame

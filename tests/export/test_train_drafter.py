@@ -4,6 +4,7 @@ and the saved assistant loads."""
 
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,3 +125,19 @@ def test_lockstep_writes_each_sequence_as_alone(interleaved_target):
     for b, f in enumerate(feats):  # a query's labels are what the target wrote
         for i, j in torch.nonzero(queries.valid[b]).tolist():
             assert f.written[queries.positions[b, i] + j]
+
+
+def test_init_starts_a_run_from_a_saved_assistant(target, tmp_path):
+    """--init: a fresh run's assistant takes a saved one's weights; another shape is refused."""
+    s = settings(tmp_path)
+    cfg = td.assistant_config(s, target.cfg.text)
+    td.save_assistant(td.build_assistant(cfg, target, 1), s.out)
+    run = SimpleNamespace(cfg=cfg, assistant=td.build_assistant(cfg, target, 2), log=lambda _: None)
+    td.DrafterTrainer.start_from(run, s.out)  # type: ignore[arg-type]
+    saved = load_assistant(s.out).state_dict()
+    for name, p in run.assistant.state_dict().items():
+        torch.testing.assert_close(saved[name], p)
+    wider = td.assistant_config(replace(s, hidden=48), target.cfg.text)
+    other = SimpleNamespace(cfg=wider, assistant=td.build_assistant(wider, target, 2), log=lambda _: None)
+    with pytest.raises(ValueError, match="config differs"):
+        td.DrafterTrainer.start_from(other, s.out)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.worker.toy import ToyDrafter, ToyTarget
+from tests.worker.toy import ScoredToyDrafter, ToyDrafter, ToyTarget
 from worker.decoding import AdaptiveDrafter, RoundCosts, StopRule, agreeing_prefix, generate, prefill, verify
 
 
@@ -70,9 +70,9 @@ def test_drafter_speeds_up_and_counts() -> None:
     assert out.stats.tokens_per_call > 3
 
 
-def test_a_perfect_drafter_is_fully_accepted_up_to_the_stop() -> None:
-    """Short outputs (an interleaved chunk's words) end inside a round: drafts past the stop count for
-    nothing, and a drafted stop the target agrees with counts as a right guess."""
+def test_drafts_end_before_a_drafted_stop() -> None:
+    """Short outputs (an interleaved chunk's words) end inside a round: the drafted stop and what follows
+    it are never verified (the target's logits tell the stop for free), and the round is still one call."""
     checked = 0
     for seed in range(20):
         target = ToyTarget(seed=seed)
@@ -84,7 +84,8 @@ def test_a_perfect_drafter_is_fully_accepted_up_to_the_stop() -> None:
         drafter = ToyDrafter(target, num_draft_tokens=4, wrong_every=1000)
         out = generate(target, target.start(prompt), stop, 30, drafter=drafter)
         assert out.tokens == truth[:2]
-        assert (out.stats.calls, out.stats.drafted, out.stats.accepted) == (1, 2, 2)
+        assert (out.stats.calls, out.stats.drafted, out.stats.accepted) == (1, 1, 1)
+        assert out.stopped and out.ctx.next_token == truth[2]
         checked += 1
     assert checked >= 10
 
@@ -239,3 +240,48 @@ def test_short_sessions_probe_their_shared_estimate() -> None:
         adaptive = AdaptiveDrafter(good, costs, part="response")
         generate(target, target.start([1 + session]), StopRule(frozenset()), 10, drafter=adaptive)
     assert adaptive.acceptance > 0.6 and adaptive.choose(4) == 4
+
+
+def test_unconfident_drafts_are_not_verified() -> None:
+    """A round stops at the first draft the drafter doubts: a calibrated drafter's misses go unverified,
+    so what is verified is mostly accepted, and the output is the same."""
+    target = ToyTarget(seed=18)
+    reference = plain_greedy(target, [1], StopRule(frozenset()), 60)
+    outs = {}
+    for confidence in (0.0, 0.5):
+        drafter = ScoredToyDrafter(target, num_draft_tokens=4, wrong_every=3)
+        adaptive = AdaptiveDrafter(drafter, FixedCosts(CHEAP_DRAFTS), confidence=confidence)
+        outs[confidence] = generate(target, target.start([1]), StopRule(frozenset()), 60, drafter=adaptive)
+        assert outs[confidence].tokens == reference
+    ungated, gated = outs[0.0].stats, outs[0.5].stats
+    assert gated.acceptance == 1.0 > ungated.acceptance
+    assert gated.drafted < ungated.drafted
+
+
+def test_a_chain_cut_by_doubt_counts_against_drafting() -> None:
+    """The estimate prices what a round of k delivers: a drafter that doubts every draft yields nothing
+    however right it is, and the policy stops asking it."""
+    target = ToyTarget(seed=19)
+    doubtful = ScoredToyDrafter(target, num_draft_tokens=4, wrong_every=1000, sure=0.1, unsure=0.1)
+    adaptive = AdaptiveDrafter(doubtful, FixedCosts(CHEAP_DRAFTS), confidence=0.5)
+    out = generate(target, target.start([1]), StopRule(frozenset()), 60, drafter=adaptive)
+    assert out.stats.drafted == 0
+    assert adaptive.acceptance < 0.2 and adaptive.choose(4) == 0
+
+
+def test_drafts_past_the_output_end_count_as_misses() -> None:
+    """Two-token outputs end every round after one kept draft, however right the drafter: the rest of
+    the round is paid for and unused, so the estimate halves and the policy asks for fewer drafts."""
+    target = ToyTarget(seed=20)
+    drafter = ScoredToyDrafter(target, num_draft_tokens=4, wrong_every=1000)
+    adaptive = AdaptiveDrafter(drafter, FixedCosts(CHEAP_DRAFTS), confidence=0.5)
+    for seed in range(30):
+        prompt = [seed % target.vocab]
+        truth = plain_greedy(target, prompt, StopRule(frozenset()), 3)
+        if truth[2] in truth[:2]:
+            continue
+        out = generate(target, target.start(prompt), StopRule(frozenset({truth[2]})), 30, drafter=adaptive)
+        assert out.tokens == truth[:2]
+        assert out.stats.acceptance == 1.0
+    assert 0.4 < adaptive.acceptance < 0.6
+    assert adaptive.choose(4) == 2  # CHEAP_DRAFTS at a = 0.5: 1.75 tokens per 1.2 beats 1.94 per 1.4

@@ -48,14 +48,19 @@ def test_one_call_drafts_equal_one_step_at_a_time(drafter_runtime: Runtime) -> N
     for seed in range(12):
         ctx = audio_context(drafter_runtime, seed, frames=4 + 9 * seed)
         for token in (ctx.next_token, (seed * 37) % drafter_runtime.config.vocab_size):
-            stepped = _step_graph_drafts(drafter, ctx, token, k)
+            stepped, stepped_p = _step_graph_drafts(drafter, ctx, token, k)
             assert drafter.propose(ctx, token, k) == stepped, f"seed {seed}, token {token}"
+            drafts, probabilities = drafter.propose_scored(ctx, token, k)
+            assert drafts == stepped
+            assert np.allclose(probabilities, stepped_p, atol=1e-4)
+            assert all(1 / drafter_runtime.config.vocab_size <= p <= 1 for p in probabilities)
 
 
-def _step_graph_drafts(drafter, ctx: Context, token: int, count: int) -> list[int]:
+def _step_graph_drafts(drafter, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
     steps, drafter.steps = drafter.steps, None
     try:
-        return drafter.propose(ctx, token, count)
+        assert drafter.propose(ctx, token, count) == drafter.propose_scored(ctx, token, count)[0]
+        return drafter.propose_scored(ctx, token, count)
     finally:
         drafter.steps = steps
 

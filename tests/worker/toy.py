@@ -54,12 +54,31 @@ class ToyDrafter:
         self.wrong_every = wrong_every
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
+        return self.guesses(ctx, token, count)[0]
+
+    def guesses(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[bool]]:
+        """The drafts, and which of them are the deliberate mistakes."""
         seen = [*ctx.cache, token]
-        out = []
+        out, wrong = [], []
         for _ in range(count):
             guess = int(self.target.row(seen).argmax())
-            if (sum(seen) + len(seen)) % self.wrong_every == 0:
+            wrong.append((sum(seen) + len(seen)) % self.wrong_every == 0)
+            if wrong[-1]:
                 guess = (guess + 1) % self.target.vocab
             out.append(guess)
             seen.append(guess)
-        return out
+        return out, wrong
+
+
+class ScoredToyDrafter(ToyDrafter):
+    """A ToyDrafter that knows when it guesses: probability `sure` for a right draft, `unsure` for a
+    deliberate mistake (a calibrated drafter); unsure == sure: confidence says nothing."""
+
+    def __init__(self, target: ToyTarget, num_draft_tokens: int = 3, wrong_every: int = 3,
+                 sure: float = 0.9, unsure: float = 0.2) -> None:  # fmt: skip
+        super().__init__(target, num_draft_tokens, wrong_every)
+        self.sure, self.unsure = sure, unsure
+
+    def propose_scored(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
+        drafts, wrong = self.guesses(ctx, token, count)
+        return drafts, [self.unsure if w else self.sure for w in wrong]
