@@ -50,16 +50,13 @@ class Target(Protocol):
 
 
 class Drafter(Protocol):
+    """Optionally also `propose_scored(ctx, token, count) -> (drafts, probabilities)`: the drafter's own
+    probability of each guess, which AdaptiveDrafter's confidence gate reads (worker.runtime's has it)."""
+
     num_draft_tokens: int
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         """Guess `count` tokens that follow `token`, the target's next token after ctx."""
-        ...
-
-
-class ScoredDrafter(Drafter, Protocol):
-    def propose_scored(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
-        """`propose`, with the drafter's own probability of each guess."""
         ...
 
 
