@@ -348,7 +348,8 @@ def _take(round_: Round, first_generated: int, stop: StopRule, tokens: list[int]
 
 def _accepted(round_: Round, kept: int, stopped: bool, stop: StopRule, drafted: int) -> tuple[int, int]:
     """(accepted, counted) drafts of a round. Drafts past the output's stop count for nothing, agreed or
-    not; a drafted stop token the target agreed with is a right guess (it ends the output, it is no token)."""
+    not; a guessed stop token the target agreed with is a right guess (it ends the output, it is no token;
+    a drafter's drafts end before a stop, see _first_drafts)."""
     accepted = max(0, kept - round_.committed)
     if not stopped:
         return accepted, drafted

@@ -298,14 +298,16 @@ class Drafter:
 
     def propose(self, ctx: Context, token: int, count: int) -> list[int]:
         """Greedy drafts after `token` (at position ctx.length), starting from the target's hidden state."""
-        if self.steps is not None and 2 * count > self.num_draft_tokens:  # one call beats count > k/2 steps
-            return self._propose_round(ctx, token, ["draft_ids"])[0][:count]
-        return self.propose_scored(ctx, token, count)[0]
+        return self._drafts(ctx, token, count, scored=False)[0]
 
     def propose_scored(self, ctx: Context, token: int, count: int) -> tuple[list[int], list[float]]:
         """`propose`, with the drafter's softmax probability of each draft."""
+        return self._drafts(ctx, token, count, scored=True)
+
+    def _drafts(self, ctx: Context, token: int, count: int, scored: bool) -> tuple[list[int], list[float]]:
+        """Drafts, and their probabilities when `scored` (else none: a real Gemma's rows are 262k wide)."""
         if self.steps is not None and 2 * count > self.num_draft_tokens:  # one call beats count > k/2 steps
-            drafts, logits = self._propose_round(ctx, token, ["draft_ids", "draft_logits"])
+            drafts, logits = self._propose_round(ctx, token, scored)
             return drafts[:count], [top_probability(row) for row in logits[:count]]
         kv = {name: ctx.cache.tensors[i] for name, i in zip(self.roles.kv, self.shared, strict=True)}
         hidden = ctx.hidden[None, None].astype(self.hidden_type, copy=False)  # (1, 1, Hb)
@@ -318,12 +320,13 @@ class Drafter:
             row = logits.reshape(-1, logits.shape[-1])[-1]  # (V,)
             token = int(row.argmax())
             drafts.append(token)
-            probabilities.append(top_probability(row))
+            if scored:
+                probabilities.append(top_probability(row))
         return drafts, probabilities
 
-    def _propose_round(self, ctx: Context, token: int, outputs: list[str]) -> tuple[list[int], np.ndarray]:
-        """All num_draft_tokens drafts in one drafter_steps call; with "draft_logits" among `outputs`, their
-        logits (k, V) too (a real Gemma's are 1 MB a draft: fetched only to be read)."""
+    def _propose_round(self, ctx: Context, token: int, with_logits: bool) -> tuple[list[int], np.ndarray]:
+        """All num_draft_tokens drafts in one drafter_steps call, and with_logits their logits (k, V) (else
+        (0, 0); a real Gemma's are 1 MB a draft: fetched only to be read)."""
         assert self.steps is not None
         kv = {name: ctx.cache.tensors[i] for name, i in zip(self.steps_kv, self.shared, strict=True)}
         host = {
@@ -332,11 +335,12 @@ class Drafter:
             "position_ids": np.array([[ctx.length]], np.int64),  # (1, 1)
         }
         self.calls += 1
+        outputs = ["draft_ids", "draft_logits"] if with_logits else ["draft_ids"]
         if self.runtime.device == "cpu":
             got = dict(zip(outputs, self.steps.session.run(outputs, host | kv), strict=True))
         else:
             got = dict(zip(self.steps.output_names, run_bound(self.steps, host, kv, set()), strict=True))
-        logits = np.asarray(got["draft_logits"][0]) if "draft_logits" in outputs else np.zeros((0, 0))
+        logits = np.asarray(got["draft_logits"][0]) if with_logits else np.zeros((0, 0))
         return [int(t) for t in got["draft_ids"][0]], logits
 
     def _step(
