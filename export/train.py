@@ -69,6 +69,7 @@ class TrainSettings:
     # data mix
     prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
     respond_prob: float = 0.5  # ask for a response after the transcript
+    skill_boost: float = 1.0  # draw weight of arithmetic and home-control utterances against the rest's 1
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
     curriculum_steps: int = 3000  # max utterance length grows from 2.5 s to max_seconds over these
     bucket: int = 1024  # a batch is drawn from this many length-neighbours (less padding); 0 = anywhere
@@ -226,16 +227,25 @@ def collate(examples: list[Example]) -> Batch:
     )
 
 
+# A skills stage draws these kinds more often: their answers hinge on a few number and room words.
+SKILL_KINDS = ("arithmetic", "home")
+
+
 class Sampler:
     """Draws training batches: seeded per step, short utterances first (the curriculum)."""
 
     def __init__(self, data: Corpus, tok, s: TrainSettings):
         self.data, self.tok, self.s = data, tok, s
-        self.seconds = np.array([r["samples"] / 16000 for r in data.records])
+        self.index_records()
+
+    def index_records(self) -> None:
+        records = self.data.records
+        self.seconds = np.array([r["samples"] / 16000 for r in records])
+        self.weights = np.array([self.s.skill_boost if r["kind"] in SKILL_KINDS else 1.0 for r in records])
 
     def refresh(self) -> None:
         if self.data.refresh():
-            self.seconds = np.array([r["samples"] / 16000 for r in self.data.records])
+            self.index_records()
 
     def max_seconds(self, step: int) -> float:
         s = self.s
@@ -244,9 +254,14 @@ class Sampler:
     def batch(self, step: int) -> Batch:
         rng = random.Random(f"{self.s.seed}-batch-{step}")
         eligible = np.nonzero(self.seconds <= self.max_seconds(step))[0]
-        pool = self.neighbours(eligible, rng)
-        picks = [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
+        picks = self.draw(self.neighbours(eligible, rng), rng)
         return collate([make_example(*self.data[i], self.tok, self.s, rng, train=True) for i in picks])
+
+    def draw(self, pool: np.ndarray, rng: random.Random) -> list[int]:
+        """A batch's utterances from `pool`, with replacement; skills weighted by `skill_boost`."""
+        if self.s.skill_boost == 1.0:  # the draw of every run before skill_boost existed: they reproduce
+            return [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
+        return [int(i) for i in rng.choices(list(pool), weights=list(self.weights[pool]), k=self.s.batch)]
 
     def neighbours(self, eligible: np.ndarray, rng: random.Random) -> np.ndarray:
         """A random run of `bucket` utterances of similar length: padding a batch to its longest

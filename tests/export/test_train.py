@@ -75,6 +75,21 @@ def test_batches_draw_length_neighbours(run_dirs):
     assert pools == {(0, 2, 4), (2, 3, 4), (1, 3, 4), (1, 3, 5)}  # runs of the length order
 
 
+def test_skill_boost_draws_skills_more_often(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    data = dataset.Corpus(run_dirs / "data", "train")
+    kinds = [r["kind"] for r in data.records]  # arithmetic, home, sentence
+
+    def share_of_skills(boost: float) -> float:
+        sampler = train.Sampler(data, tok, settings(run_dirs, batch=50, skill_boost=boost))
+        picks = [i for seed in range(20) for i in sampler.draw(np.arange(3), random.Random(seed))]
+        return sum(kinds[i] in train.SKILL_KINDS for i in picks) / len(picks)
+
+    assert 0.6 < share_of_skills(1.0) < 0.73  # two of the three utterances are skills
+    assert 0.83 < share_of_skills(4.0) < 0.95  # 8 / 9
+    assert share_of_skills(0.0) == 0.0
+
+
 def test_prompt_format(run_dirs):
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
     p = tokenizer.prompt(tok, 3, tokenizer.INSTRUCT_RESPOND, "two\n2 + 2 = 4")
