@@ -4,7 +4,8 @@
 Reports, for the first --limit utterances of "eval-seen" (training voices) and "eval-heldout" (the
 held-out voice family):
   asr      WER / CER per voice family, clean, with noise (NOISE_SNR_DB, seeded) and through Opus
-  skills   response exact-match per skill on eval-seen, clean
+  skills   response exact-match per skill on eval-seen, clean, with each miss (what was said, heard and
+           answered) to tell a misheard number from a wrong sum
   mtp      drafter acceptance and tokens per decoder call (transcripts, responses), and whether
            decoding with MTP gives the same output as decoding without it
   delay    word emission delay streaming CHUNK_MS chunks: the audio time at which a reference word first
@@ -240,19 +241,25 @@ def skills_and_mtp(runtime: Runtime, served: StreamingOptions, split: list[Sampl
     """Respond sessions on clean audio, with MTP (as served) and without: response exact-match per skill,
     drafter statistics, and whether both decodes agree."""
     plain = replace(served, mtp=False)
-    right, seen = defaultdict(int), defaultdict(int)
+    right, seen, misses = defaultdict(int), defaultdict(int), defaultdict(list)
     transcript_stats, response_stats, differ = DecodeStats(), DecodeStats(), []
     for s in split:
         pcm = pcm_bytes(s.audio)
         with_mtp, without = decode(runtime, served, pcm, True), decode(runtime, plain, pcm, True)
         skill = SKILLS.get(s.record["kind"], s.record["kind"])
         seen[skill] += 1
-        right[skill] += with_mtp.response == s.record["response"]
+        if with_mtp.response == s.record["response"]:
+            right[skill] += 1
+        else:
+            misses[skill].append(miss(s, with_mtp))
         transcript_stats.add(with_mtp.transcript_stats)
         response_stats.add(with_mtp.response_stats)
         if (with_mtp.finals, with_mtp.responses) != (without.finals, without.responses):
             differ.append(s.index)
-    skills = {k: {"utterances": n, "exact": round(right[k] / n, 4)} for k, n in sorted(seen.items())}
+    skills = {
+        k: {"utterances": n, "exact": round(right[k] / n, 4), "misses": misses[k]}
+        for k, n in sorted(seen.items())
+    }
     mtp = {
         "drafter": runtime.drafter is not None and served.mtp,
         "transcripts": mtp_summary(transcript_stats),
@@ -261,6 +268,16 @@ def skills_and_mtp(runtime: Runtime, served: StreamingOptions, split: list[Sampl
         "differing_utterances": differ,
     }
     return skills, mtp
+
+
+def miss(sample: Sample, decoded: Decoded) -> dict:
+    return {
+        "utterance": sample.index,
+        "said": sample.record["text"],
+        "heard": decoded.transcript,
+        "expected": sample.record["response"],
+        "answered": decoded.response,
+    }
 
 
 def word_delays(sample: Sample, decoded: Decoded) -> tuple[list[float], int]:

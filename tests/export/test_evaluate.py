@@ -75,6 +75,9 @@ def test_report_structure(model_dir: Path, corpus: Path, tmp_path: Path):
         assert all({"utterances", "wer", "cer"} <= set(v) for v in by.values())
     assert seen["all"]["clean"]["utterances"] == 2
     assert set(report["skills"]) == {"arithmetic", "fallback"}
+    for skill in report["skills"].values():  # the tiny model misses some: each miss says what it answered
+        assert len(skill["misses"]) == round(skill["utterances"] * (1 - skill["exact"]))
+        assert all({"said", "heard", "expected", "answered"} <= set(m) for m in skill["misses"])
     assert report["mtp"]["identical_to_no_mtp"] is True
     assert {"acceptance", "tokens_per_call"} <= set(report["mtp"]["transcripts"])
     delay = report["delay"]
