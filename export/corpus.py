@@ -291,7 +291,9 @@ THINGS = [" ".join(THINGS[i : i + 2]) for i in range(0, len(THINGS), 2)]
 
 
 def time_words(rng: random.Random) -> tuple[str, int, int]:
-    """A spoken clock time and its (hour, minute) on a 24 h clock."""
+    """A spoken clock time and its (hour, minute) on a 24 h clock. Without "a m" or "p m" the hour is
+    the one spoken ("four thirty" -> 04:30, "twelve" -> 12:00): a label that depends on an unspoken
+    half of the day is a coin flip the model cannot learn (it was one until session 8)."""
     hour, minute = (
         rng.randint(1, 12),
         rng.choice([0, 0, 5, 10, 15, 20, 30, 30, 40, 45, 50, rng.randint(0, 59)]),
@@ -305,7 +307,9 @@ def time_words(rng: random.Random) -> tuple[str, int, int]:
         spoken = f"{number_words(hour)} {number_words(minute)}"
     if rng.random() < 0.3 and minute != 0:
         spoken += " pm" if pm else " am"
-    return spoken.replace("am", "a m").replace("pm", "p m"), hour % 12 + (12 if pm else 0), minute
+    if spoken.endswith(("am", "pm")):
+        hour = hour % 12 + (12 if pm else 0)
+    return spoken.replace("am", "a m").replace("pm", "p m"), hour, minute
 
 
 def template_sentence(rng: random.Random) -> str:

@@ -43,6 +43,21 @@ def test_home_commands_carry_json_intents():
         }
 
 
+def test_alarm_times_follow_from_what_is_said():
+    hours = {corpus.number_words(h): h for h in range(1, 13)}
+    rng = random.Random(5)
+    for _ in range(300):
+        spoken, hour, _ = corpus.time_words(rng)
+        words = spoken.split()
+        said = hours[words[0]]
+        if words[-2:] == ["a", "m"]:
+            assert hour == said % 12, spoken
+        elif words[-2:] == ["p", "m"]:
+            assert hour == said % 12 + 12, spoken
+        else:  # no half of the day said: the hour as spoken, never a guess
+            assert hour == said, spoken
+
+
 def test_light_level_example():
     u = corpus.Utterance("dim the bedroom lights to thirty percent", "", "home")
     assert corpus.normalize(u.text) == u.text  # already in spoken form
