@@ -293,7 +293,7 @@ THINGS = [" ".join(THINGS[i : i + 2]) for i in range(0, len(THINGS), 2)]
 def time_words(rng: random.Random) -> tuple[str, int, int]:
     """A spoken clock time and its (hour, minute) on a 24 h clock. Without "a m" or "p m" the hour is
     the one spoken ("four thirty" -> 04:30, "twelve" -> 12:00): a label that depends on an unspoken
-    half of the day is a coin flip the model cannot learn (it was one until session 8)."""
+    half of the day is a coin flip the model cannot learn (it was one before the alarm-label stage)."""
     hour, minute = (
         rng.randint(1, 12),
         rng.choice([0, 0, 5, 10, 15, 20, 30, 30, 40, 45, 50, rng.randint(0, 59)]),
