@@ -168,6 +168,31 @@ def interleaved_prompt(
     return Prompt(ids, audio[0], len(audio), target_start, audio, trained)
 
 
+def drill_prompt(tok: Tokenizer, texts: list[str], response: str | None) -> Prompt:
+    """An interleaved respond prompt with its audio left out: every chunk empty (`<|audio><audio|>`),
+    texts[k] after chunk k, then the response, the only part trained (None: open for generation). The
+    response sees the same words in the same places as in an interleaved prompt, at a fraction of the
+    sequence."""
+    ids = user_turn_start(tok, INSTRUCT_RESPOND)
+    for text in texts:
+        ids += [BOA, EOA, *(tok.encode(text).ids if text else [])]
+    ids += model_turn_start(tok)
+    target_start = len(ids)
+    if response is not None:
+        ids += [*tok.encode(response).ids, TURN_END]
+    return Prompt(ids, target_start, 0, target_start, audio_positions=[])
+
+
+def word_chunks(words: list[str], sizes: list[int]) -> list[str]:
+    """Chunk texts as chunk_texts makes them: sizes[k] words after chunk k, a space before all but the
+    first word."""
+    texts, said = [], 0
+    for n in sizes:
+        texts.append(("" if said == 0 or n == 0 else " ") + " ".join(words[said : said + n]))
+        said += n
+    return texts
+
+
 def model_turn(transcript: str, response: str | None) -> str:
     return transcript if response is None else f"{transcript}\n{response}"
 

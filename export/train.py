@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export import augment, tokenizer
+from export import augment, corpus, tokenizer
 from export.dataset import Corpus, stamped
 from export.metrics import edit_distance
 from export.model import FULL, SLIDING, AudioConfig, Config, Gemma4Unified, TextConfig, count_parameters
@@ -70,6 +70,7 @@ class TrainSettings:
     prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
     respond_prob: float = 0.5  # ask for a response after the transcript
     skill_boost: float = 1.0  # draw weight of arithmetic and home-control utterances against the rest's 1
+    drill: int = 0  # text-only skill examples per step beside the batch (see Drill); 0 = none
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
     curriculum_steps: int = 3000  # max utterance length grows from 2.5 s to max_seconds over these
     bucket: int = 1024  # a batch is drawn from this many length-neighbours (less padding); 0 = anywhere
@@ -273,6 +274,48 @@ class Sampler:
         return by_length[start : start + self.s.bucket]
 
 
+class Drill:
+    """Text-only skill examples (tokenizer.drill_prompt): arithmetic and home commands with the
+    transcript written out and no audio, trained on the response alone. The eval's arithmetic misses
+    mostly heard both numbers and computed wrong; a drill example costs a fraction of an audio one, so
+    the skill gets many more repetitions per step. Problems in the committed eval set are never drawn,
+    so the eval still measures arithmetic the model has not been drilled on."""
+
+    ARITHMETIC_SHARE = 0.75
+
+    def __init__(self, tok, s: TrainSettings):
+        self.tok, self.s = tok, s
+        evals = corpus.eval_utterances()
+        self.held_out = frozenset(problem(u.response) for u in evals if u.kind == "arithmetic")
+        self.held_out |= frozenset(u.text for u in evals)
+
+    def batch(self, step: int) -> Batch:
+        rng = random.Random(f"{self.s.seed}-drill-{step}")
+        examples: list[Example] = []
+        while len(examples) < self.s.drill:
+            utt = corpus.arithmetic(rng) if rng.random() < self.ARITHMETIC_SHARE else corpus.home_command(rng)
+            if utt.text in self.held_out or problem(utt.response) in self.held_out:
+                continue
+            texts = tokenizer.word_chunks(utt.text.split(), self.chunk_sizes(len(utt.text.split()), rng))
+            prompt = tokenizer.drill_prompt(self.tok, texts, utt.response)
+            examples.append(Example(np.zeros((0, self.s.frame), np.float32), prompt, []))
+        return collate(examples)
+
+    @staticmethod
+    def chunk_sizes(words: int, rng: random.Random) -> list[int]:
+        """Words per 320 ms chunk as speech spreads them: leading silence, mostly one word a chunk,
+        sometimes two or a pause, and a chunk of trailing silence now and then."""
+        sizes = [0] * rng.randint(0, 2)
+        while sum(sizes) < words:
+            sizes.append(min(words - sum(sizes), rng.choices((0, 1, 2), weights=(0.15, 0.6, 0.25))[0]))
+        return sizes + [0] * rng.randint(0, 1)
+
+
+def problem(response: str) -> str:
+    """An arithmetic response's question ("17 + 25 = 42" -> "17 + 25"); whatever else, itself."""
+    return response.partition(" = ")[0]
+
+
 # ---- the loss ------------------------------------------------------------------------------------------
 
 
@@ -281,12 +324,24 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (next-token loss, CTC loss, hidden)."""
     audio = embed_audio_frames(model, batch.frames)  # (sum N, H)
-    embeds = model.embed_inputs(batch.ids, audio_features=audio)  # (B, T, H)
+    hidden = decode_hidden(model, model.embed_inputs(batch.ids, audio_features=audio), batch)
+    return next_token_loss(model, hidden, batch), ctc_loss(ctc_head, hidden, batch), hidden
+
+
+def drill_loss(model: Gemma4Unified, batch: Batch) -> torch.Tensor:
+    """The next-token loss of a text-only (Drill) batch."""
+    return next_token_loss(model, decode_hidden(model, model.embed_inputs(batch.ids), batch), batch)
+
+
+def decode_hidden(model: Gemma4Unified, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
     positions = torch.arange(batch.ids.shape[1], device=batch.ids.device).expand_as(batch.ids)
     _, hidden, _ = model.decode(embeds, positions, [], attention_mask=batch.mask, num_logits_to_keep=1)
+    return hidden
+
+
+def next_token_loss(model: Gemma4Unified, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     rows = batch.labels != IGNORE
-    ce = F.cross_entropy(model.logits(hidden[rows]).float(), batch.labels[rows])
-    return ce, ctc_loss(ctc_head, hidden, batch), hidden
+    return F.cross_entropy(model.logits(hidden[rows]).float(), batch.labels[rows])
 
 
 def embed_audio_frames(model: Gemma4Unified, frames: torch.Tensor) -> torch.Tensor:
@@ -322,23 +377,29 @@ def warmup_cosine(peak: float, warmup: int, steps: int, step: int, floor: float)
 @torch.no_grad()
 def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_tokens: int = 80) -> str:
     """Decode the model turn for one utterance's frames (N, frame) with the KV cache."""
-    p, dev = tokenizer.prompt(tok, len(frames), instruction, None), device_of(model)
-    ids = torch.tensor([p.ids], device=dev)
-    audio = model.embed_audio(torch.from_numpy(frames).to(dev)[None])[0]
-    embeds = model.embed_inputs(ids, audio_features=audio)
-    positions = torch.arange(len(p.ids), device=dev)[None]
-    logits, _, past = model.decode(embeds, positions, [], num_logits_to_keep=1)
-    out = []
+    p, decoder = tokenizer.prompt(tok, len(frames), instruction, None), IncrementalDecoder(model)
+    audio = model.embed_audio(torch.from_numpy(frames).to(decoder.dev)[None])[0]
+    logits = decoder.extend(
+        model.embed_inputs(torch.tensor([p.ids], device=decoder.dev), audio_features=audio)
+    )
+    return tok.decode(greedy_tokens(model, logits, decoder.past, decoder.length, max_tokens))
+
+
+def greedy_tokens(
+    model: Gemma4Unified, logits: torch.Tensor, past: list, length: int, max_tokens: int
+) -> list:
+    """Greedy tokens from a prefilled prompt (its last logits, KV cache and length) to the end of turn."""
+    dev, out = device_of(model), []
     for t in range(max_tokens):
         token = int(logits[0, -1].argmax())
         if token in (tokenizer.TURN_END, tokenizer.EOS):
             break
         out.append(token)
-        pos = torch.tensor([[len(p.ids) + t]], device=dev)
+        pos = torch.tensor([[length + t]], device=dev)
         logits, _, past = model.decode(
             model.embed_tokens(torch.tensor([[token]], device=dev)), pos, past, num_logits_to_keep=1
         )
-    return tok.decode(out)
+    return out
 
 
 @torch.no_grad()
@@ -355,30 +416,98 @@ def greedy_interleaved(
     until the model asks for more audio (`<|audio>`), repeat; as worker/interleaved.py streams it.
     prefix: the user turn's start (default: ours, transcribe); stops: what else ends a chunk's words
     (default: the end of the turn and a newline, which ends a transcript)."""
-    cfg, dev = model.cfg, device_of(model)
-    if stops is None:
-        stops = (tokenizer.TURN_END, tokenizer.EOS, *tok.encode("\n").ids)
-    ids = prefix if prefix is not None else tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
-    past, length, out = [], 0, []
+    if prefix is None:
+        prefix = tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_TRANSCRIBE)
+    return tok.decode(IncrementalDecoder(model).transcribe(prefix, frames, chunk, max_words, stops, tok))
 
-    def extend(embeds: torch.Tensor) -> int:
-        nonlocal past, length
-        pos = torch.arange(length, length + embeds.shape[1], device=dev)[None]
-        logits, _, past = model.decode(embeds, pos, past, num_logits_to_keep=1)
-        length += embeds.shape[1]
-        return int(logits[0, -1].argmax())
 
-    extend(model.embed_tokens(torch.tensor([ids], device=dev)))
-    for k in range(0, len(frames), chunk):
-        audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk]).to(dev)[None])  # (1, C, H)
-        wrap = model.embed_tokens(torch.tensor([[cfg.boa_token_id, cfg.eoa_token_index]], device=dev))
-        token = extend(torch.cat([wrap[:, :1], audio, wrap[:, 1:]], 1))
-        for _ in range(max_words):
-            if token == cfg.boa_token_id or token in stops:
-                break
-            out.append(token)
-            token = extend(model.embed_tokens(torch.tensor([[token]], device=dev)))
-    return tok.decode(out)
+@torch.no_grad()
+def greedy_respond(model: Gemma4Unified, tok, frames: np.ndarray, chunk: int) -> tuple[str, str]:
+    """(transcript, response) of one utterance as the worker answers it: the interleaved transcript of
+    a respond prompt, then the model turn decoded greedily once the audio has ended."""
+    decoder = IncrementalDecoder(model)
+    prefix = tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_RESPOND)
+    words = decoder.transcribe(prefix, frames, chunk, 24, None, tok)
+    logits = decoder.extend(
+        model.embed_tokens(torch.tensor([tokenizer.model_turn_start(tok)], device=decoder.dev))
+    )
+    response = greedy_tokens(model, logits, decoder.past, decoder.length, 80)
+    return tok.decode(words), tok.decode(response)
+
+
+class IncrementalDecoder:
+    """One sequence's KV cache, extended by embeddings."""
+
+    def __init__(self, model: Gemma4Unified):
+        self.model, self.dev = model, device_of(model)
+        self.past: list = []
+        self.length = 0
+
+    def extend(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Appends (1, T, H); returns the last position's logits (1, 1, V)."""
+        pos = torch.arange(self.length, self.length + embeds.shape[1], device=self.dev)[None]
+        logits, _, self.past = self.model.decode(embeds, pos, self.past, num_logits_to_keep=1)
+        self.length += embeds.shape[1]
+        return logits
+
+    def transcribe(
+        self, prefix: list[int], frames: np.ndarray, chunk: int, max_words: int, stops: tuple | None, tok
+    ) -> list[int]:
+        """The interleaved loop (see greedy_interleaved); returns the transcript's tokens."""
+        model, cfg, dev = self.model, self.model.cfg, self.dev
+        if stops is None:
+            stops = (tokenizer.TURN_END, tokenizer.EOS, *tok.encode("\n").ids)
+        out: list[int] = []
+        self.extend(model.embed_tokens(torch.tensor([prefix], device=dev)))
+        for k in range(0, len(frames), chunk):
+            audio = model.embed_audio(torch.from_numpy(frames[k : k + chunk]).to(dev)[None])  # (1, C, H)
+            wrap = model.embed_tokens(torch.tensor([[cfg.boa_token_id, cfg.eoa_token_index]], device=dev))
+            token = int(self.extend(torch.cat([wrap[:, :1], audio, wrap[:, 1:]], 1))[0, -1].argmax())
+            for _ in range(max_words):
+                if token == cfg.boa_token_id or token in stops:
+                    break
+                out.append(token)
+                token = int(
+                    self.extend(model.embed_tokens(torch.tensor([[token]], device=dev)))[0, -1].argmax()
+                )
+        return out
+
+
+@torch.no_grad()
+def drill_exact(model: Gemma4Unified, tok) -> dict:
+    """Exact-match responses to the eval set's skill utterances from their written words (the drill's
+    own format, no audio): whether the skill itself is learned, apart from hearing it."""
+    model.eval()
+    hits: dict[str, list[bool]] = {kind: [] for kind in SKILL_KINDS}
+    for utt in corpus.eval_utterances():
+        if utt.kind in hits:
+            words = utt.text.split()
+            p = tokenizer.drill_prompt(tok, tokenizer.word_chunks(words, [0] + [1] * len(words)), None)
+            hits[utt.kind].append(greedy_text(model, tok, p.ids) == utt.response)
+    model.train()
+    return {f"drill/{kind}": sum(h) / max(1, len(h)) for kind, h in hits.items()}
+
+
+@torch.no_grad()
+def greedy_text(model: Gemma4Unified, tok, ids: list[int], max_tokens: int = 80) -> str:
+    """Greedy continuation of a text-only prompt up to the end of the turn."""
+    decoder = IncrementalDecoder(model)
+    logits = decoder.extend(model.embed_tokens(torch.tensor([ids], device=decoder.dev)))
+    return tok.decode(greedy_tokens(model, logits, decoder.past, decoder.length, max_tokens))
+
+
+@torch.no_grad()
+def respond_exact(model: Gemma4Unified, tok, data: Corpus, s: TrainSettings) -> dict:
+    """Exact-match responses per skill over a split's skill utterances, heard from their audio."""
+    model.eval()
+    hits: dict[str, list[bool]] = {kind: [] for kind in SKILL_KINDS}
+    for i, rec in enumerate(data.records):
+        if rec["kind"] in hits:
+            audio, _ = data[i]
+            _, response = greedy_respond(model, tok, frames_of(audio, s.frame), s.chunk_frames)
+            hits[rec["kind"]].append(response.strip() == rec["response"])
+    model.train()
+    return {f"respond/{kind}": sum(h) / max(1, len(h)) for kind, h in hits.items()}
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -581,6 +710,7 @@ class Trainer:
         self.state = load_state(self.run, s, self.model, self.ctc_head, self.optimizer)
         workers = s.workers if s.workers >= 0 else (8 if self.device.type == "cuda" else 0)
         self.train_data = Prefetcher(Sampler(Corpus(s.data, "train"), self.tok, s), workers)
+        self.drill = Drill(self.tok, s) if s.drill > 0 else None
         self.evals = {split: Corpus(s.data, split) for split in ("eval-seen", "eval-heldout")}
         self.write_settings()
 
@@ -589,21 +719,28 @@ class Trainer:
             group["lr"] = learning_rate(self.s, step)
         t0 = time.time()
         batch = self.train_data.batch(step).to(self.device)
+        drill = self.drill.batch(step).to(self.device) if self.drill else None
         t1 = time.time()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.bf16):
             ce, ctc, _ = forward(self.model, self.ctc_head, batch)
-        loss = ce + self.s.ctc_weight * ctc
+            drilled = drill_loss(self.model, drill) if drill else None
+        loss = ce + self.s.ctc_weight * ctc + (drilled if drilled is not None else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        return {"ce": ce.item(), "ctc": ctc.item(), "data_s": t1 - t0, "step_s": time.time() - t1}
+        out = {"ce": ce.item(), "ctc": ctc.item(), "data_s": t1 - t0, "step_s": time.time() - t1}
+        return out | ({"drill": drilled.item()} if drilled is not None else {})
 
     def evaluate(self, step: int) -> dict:
         out = {"step": step}
         for split, data in self.evals.items():
             for k, v in evaluate(self.model, self.ctc_head, self.tok, data, self.s).items():
                 out[f"{split}/{k}"] = round(v, 4)
+        if self.drill:  # the drilled skills, written and heard (clean audio, seen voices)
+            out |= {k: round(v, 4) for k, v in drill_exact(self.model, self.tok).items()}
+            skills = respond_exact(self.model, self.tok, self.evals["eval-seen"], self.s)
+            out |= {k: round(v, 4) for k, v in skills.items()}
         return out
 
     def checkpoint(self, step: int) -> None:

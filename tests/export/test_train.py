@@ -99,6 +99,58 @@ def test_prompt_format(run_dirs):
     assert p.ids[p.audio_start : p.audio_start + 3] == [tokenizer.AUDIO] * 3
 
 
+def test_drill_prompt_trains_the_response_from_the_written_words(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    texts = tokenizer.word_chunks(["what", "is", "two", "plus", "three"], [0, 2, 0, 1, 2])
+    assert texts == ["", "what is", "", " two", " plus three"]
+    p = tokenizer.drill_prompt(tok, texts, "2 + 3 = 5")
+    text = tok.decode(p.ids, skip_special_tokens=False)
+    assert text == ("<bos><|turn>user\n" + tokenizer.INSTRUCT_RESPOND + "<|audio><audio|>"
+                    + "<|audio><audio|>what is<|audio><audio|><|audio><audio|> two<|audio><audio|> plus three"
+                    + "<turn|>\n<|turn>model\n2 + 3 = 5<turn|>")  # fmt: skip
+    assert p.n_audio == 0 and p.audio_index() == []
+    assert tok.decode([p.ids[i] for i in p.trained_index()], skip_special_tokens=False) == "2 + 3 = 5<turn|>"
+
+
+def test_drill_batches_leave_the_eval_problems_out(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    drill = train.Drill(tok, settings(run_dirs, drill=64))
+    eval_problems = {train.problem(u.response) for u in corpus.eval_utterances() if u.kind == "arithmetic"}
+    assert len(eval_problems) > 30
+    drill.held_out |= {f"{a} + {b}" for a in range(30) for b in range(30)}  # most small sums
+    responses = []
+    for step in range(20):
+        batch = drill.batch(step)
+        assert batch.frames.shape == (0, TINY.frame) and batch.audio_index.shape == (64, 0)
+        for labels in batch.labels:
+            trained = labels[labels != train.IGNORE]
+            assert trained[-1] == tokenizer.TURN_END  # the response and its end, nothing before
+            responses.append(tok.decode(trained.tolist()))
+    assert torch.equal(drill.batch(3).ids, drill.batch(3).ids)  # a function of the step
+    problems = {train.problem(r) for r in responses}
+    assert not problems & eval_problems and not problems & drill.held_out
+    arithmetic = sum(" = " in r for r in responses) / len(responses)
+    assert 0.6 < arithmetic < 0.9  # three in four; the rest are home commands
+    assert all(r.startswith("ok, ") for r in responses if " = " not in r)
+    for seed in range(50):
+        sizes = train.Drill.chunk_sizes(5, random.Random(seed))
+        assert sum(sizes) == 5 and set(sizes) <= {0, 1, 2}
+
+
+def test_training_with_a_drill_logs_its_loss(run_dirs, tmp_path):
+    s = settings(run_dirs, drill=4, log_every=2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.json").write_text((run_dirs / "run" / "tokenizer.json").read_text())
+    trainer = train.Trainer(replace(s, run=str(tmp_path / "run")), log=lambda m: None)
+    assert trainer.train(until=2) == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    drilled = [x["train"]["drill"] for x in lines if "train" in x]
+    assert drilled and all(0 < d < 20 for d in drilled)
+    evals = [x["eval"] for x in lines if "eval" in x]  # the drilled skills, written and heard
+    skills = {f"{how}/{kind}" for how in ("drill", "respond") for kind in train.SKILL_KINDS}
+    assert evals and skills <= set(evals[-1]) and all(0 <= evals[-1][k] <= 1 for k in skills)
+
+
 def test_a_few_steps_reduce_the_loss(run_dirs):
     s = settings(run_dirs, augment_prob=0.0, prefix_prob=0.0, respond_prob=1.0)
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
@@ -194,6 +246,8 @@ def test_interleaved_run_trains_and_decodes_chunk_by_chunk(run_dirs, tmp_path):
     tok, model = trainer.tok, trainer.model.eval()
     audio, _ = dataset.Corpus(s.data, "eval-seen")[0]
     assert isinstance(train.greedy_interleaved(model, tok, train.frames_of(audio, s.frame), 8), str)
+    transcript, response = train.greedy_respond(model, tok, train.frames_of(audio, s.frame), 8)
+    assert isinstance(transcript, str) and isinstance(response, str)
     warm = train.Trainer(replace(s, run=str(tmp_path / "warm"), init=str(tmp_path / "run" / "state.pt")),
                          log=lambda m: None)  # fmt: skip
     assert warm.state["step"] == 0
