@@ -71,6 +71,7 @@ class TrainSettings:
     respond_prob: float = 0.5  # ask for a response after the transcript
     skill_boost: float = 1.0  # draw weight of arithmetic and home-control utterances against the rest's 1
     drill: int = 0  # text-only skill examples per step beside the batch (see Drill); 0 = none
+    drill_home: float = 0.25  # the drill's share of home commands (the rest: arithmetic)
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
     curriculum_steps: int = 3000  # max utterance length grows from 2.5 s to max_seconds over these
     bucket: int = 1024  # a batch is drawn from this many length-neighbours (less padding); 0 = anywhere
@@ -281,8 +282,6 @@ class Drill:
     the skill gets many more repetitions per step. Problems in the committed eval set are never drawn,
     so the eval still measures arithmetic the model has not been drilled on."""
 
-    ARITHMETIC_SHARE = 0.75
-
     def __init__(self, tok, s: TrainSettings):
         self.tok, self.s = tok, s
         evals = corpus.eval_utterances()
@@ -293,7 +292,7 @@ class Drill:
         rng = random.Random(f"{self.s.seed}-drill-{step}")
         examples: list[Example] = []
         while len(examples) < self.s.drill:
-            utt = corpus.arithmetic(rng) if rng.random() < self.ARITHMETIC_SHARE else corpus.home_command(rng)
+            utt = corpus.home_command(rng) if rng.random() < self.s.drill_home else corpus.arithmetic(rng)
             if utt.text in self.held_out or problem(utt.response) in self.held_out:
                 continue
             texts = tokenizer.word_chunks(utt.text.split(), self.chunk_sizes(len(utt.text.split()), rng))

@@ -130,8 +130,10 @@ def test_drill_batches_leave_the_eval_problems_out(run_dirs):
     problems = {train.problem(r) for r in responses}
     assert not problems & eval_problems and not problems & drill.held_out
     arithmetic = sum(" = " in r for r in responses) / len(responses)
-    assert 0.6 < arithmetic < 0.9  # three in four; the rest are home commands
+    assert 0.6 < arithmetic < 0.9  # three in four by default; the rest are home commands
     assert all(r.startswith("ok, ") for r in responses if " = " not in r)
+    only = train.Drill(tok, settings(run_dirs, drill=64, drill_home=0.0)).batch(0)
+    assert all(" = " in tok.decode(labels[labels != train.IGNORE].tolist()) for labels in only.labels)
     for seed in range(50):
         sizes = train.Drill.chunk_sizes(5, random.Random(seed))
         assert sum(sizes) == 5 and set(sizes) <= {0, 1, 2}
