@@ -171,8 +171,8 @@ def interleaved_prompt(
 def drill_prompt(tok: Tokenizer, texts: list[str], response: str | None) -> Prompt:
     """An interleaved respond prompt with its audio left out: every chunk empty (`<|audio><audio|>`),
     texts[k] after chunk k, then the response, the only part trained (None: open for generation). The
-    response sees the same words in the same places as in an interleaved prompt, at a fraction of the
-    sequence."""
+    response sees the same words in the same places as in an interleaved prompt, at about half its
+    length."""
     ids = user_turn_start(tok, INSTRUCT_RESPOND)
     for text in texts:
         ids += [BOA, EOA, *(tok.encode(text).ids if text else [])]
