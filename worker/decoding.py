@@ -64,22 +64,37 @@ class RoundCosts:
     """Seconds per decoding round by draft length (0..k): a property of the hardware and the graphs, not
     of the audio, so one table is shared by every session of a drafter. The median of the last WINDOW
     rounds, trusted from MIN_SAMPLES on: a moving average let one slow first call price a length for
-    hundreds of rounds."""
+    hundreds of rounds.
+
+    A price expires STALE rounds (of any length) after its length was last measured, and is then measured
+    afresh: a length priced high once (the first calls of a fresh process are slow) was never chosen
+    again, so nothing corrected it, and how much the same evaluation drafted its responses varied
+    2.5-fold between runs."""
 
     WINDOW = 32
     MIN_SAMPLES = 3
+    STALE = 512  # re-measuring a length costs MIN_SAMPLES rounds of it: under 1% of rounds
 
     def __init__(self, num_draft_tokens: int) -> None:
         self.samples: list[deque[float]] = [deque(maxlen=self.WINDOW) for _ in range(num_draft_tokens + 1)]
         self.medians = [float("nan")] * (num_draft_tokens + 1)  # kept current: choosing is per round
+        self.rounds = 0
+        self.last_seen = [0] * (num_draft_tokens + 1)  # the round each length was last measured in
 
     def observe(self, drafted: int, seconds: float) -> None:
+        self.rounds += 1
         window = self.samples[drafted]
+        if self.stale(drafted):
+            window.clear()
         window.append(seconds)
+        self.last_seen[drafted] = self.rounds
         self.medians[drafted] = sorted(window)[len(window) // 2]
 
+    def stale(self, drafted: int) -> bool:
+        return self.rounds - self.last_seen[drafted] > self.STALE
+
     def unmeasured(self) -> list[int]:
-        return [k for k, s in enumerate(self.samples) if len(s) < self.MIN_SAMPLES]
+        return [k for k, s in enumerate(self.samples) if len(s) < self.MIN_SAMPLES or self.stale(k)]
 
     def seconds(self, drafted: int) -> float:
         return self.medians[drafted]

@@ -213,6 +213,24 @@ def test_round_costs_are_measured_before_they_are_trusted() -> None:
     assert all(costs.seconds(k) > 0 for k in range(5))
 
 
+def test_a_stale_price_is_measured_afresh() -> None:
+    """Lengths priced high once (slow first calls) and never chosen since become unmeasured after STALE
+    rounds, and their old samples no longer count once they are measured again."""
+    costs = RoundCosts(2)
+    for drafted, seconds in ((0, 1.0), (1, 50.0), (2, 50.0)):
+        for _ in range(RoundCosts.MIN_SAMPLES):
+            costs.observe(drafted, seconds)
+    assert costs.unmeasured() == [] and costs.seconds(2) == 50.0
+    for _ in range(RoundCosts.STALE + 1):
+        costs.observe(0, 1.0)
+    assert costs.unmeasured() == [1, 2]
+    for _ in range(RoundCosts.MIN_SAMPLES):
+        assert 2 in costs.unmeasured()
+        costs.observe(2, 1.2)
+    assert costs.seconds(2) == 1.2 and costs.unmeasured() == [1]
+    assert costs.seconds(0) == 1.0  # measured all along: never stale
+
+
 def test_sessions_share_what_a_drafter_is_worth_per_part() -> None:
     """A new session's response drafting starts from what earlier sessions' responses taught, and a
     part that has taught nothing yet (or drafts badly) keeps its own estimate."""
