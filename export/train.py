@@ -296,7 +296,8 @@ class Drill:
             utt = corpus.home_command(rng) if rng.random() < self.s.drill_home else corpus.arithmetic(rng)
             if utt.text in self.held_out or problem(utt.response) in self.held_out:
                 continue
-            texts = tokenizer.word_chunks(utt.text.split(), self.chunk_sizes(len(utt.text.split()), rng))
+            words = utt.text.split()
+            texts = tokenizer.word_chunks(words, self.chunk_sizes(len(words), rng))
             prompt = tokenizer.drill_prompt(self.tok, texts, utt.response)
             examples.append(Example(np.zeros((0, self.s.frame), np.float32), prompt, []))
         return collate(examples)
