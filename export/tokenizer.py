@@ -131,15 +131,14 @@ def model_turn_start(tok: Tokenizer) -> list[int]:
 
 
 def chunk_texts(words: list[tuple[str, float]], chunk_seconds: float, n_chunks: int) -> list[str]:
-    """The text after each chunk: the words (text, end time) that end within it, a leading space
-    before all but the first word of the utterance; every word is out by the last chunk."""
-    texts, said = [], 0
+    """The text after each chunk: the words (text, end time) that end within it (word_chunks' spacing);
+    every word is out by the last chunk."""
+    sizes, said = [], 0
     for k in range(n_chunks):
         end = (k + 1) * chunk_seconds if k < n_chunks - 1 else float("inf")
-        done = [w for w, t in words[said:] if t <= end]
-        texts.append(("" if said == 0 or not done else " ") + " ".join(done))
-        said += len(done)
-    return texts
+        sizes.append(sum(1 for _, t in words[said:] if t <= end))
+        said += sizes[-1]
+    return word_chunks([w for w, _ in words], sizes)
 
 
 def interleaved_prompt(
@@ -184,8 +183,7 @@ def drill_prompt(tok: Tokenizer, texts: list[str], response: str | None) -> Prom
 
 
 def word_chunks(words: list[str], sizes: list[int]) -> list[str]:
-    """Chunk texts as chunk_texts makes them: sizes[k] words after chunk k, a space before all but the
-    first word."""
+    """sizes[k] words after chunk k, a space before all but the utterance's first word."""
     texts, said = [], 0
     for n in sizes:
         texts.append(("" if said == 0 or n == 0 else " ") + " ".join(words[said : said + n]))

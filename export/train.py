@@ -374,9 +374,16 @@ def warmup_cosine(peak: float, warmup: int, steps: int, step: int, floor: float)
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 
+# Bounds that end a runaway greedy decode: the most tokens after one chunk of audio (an interleaved
+# chunk holds a word or two), and in one model turn (the longest response is ~40 tokens).
+CHUNK_TOKENS = 24
+TURN_TOKENS = 80
+
 
 @torch.no_grad()
-def greedy(model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_tokens: int = 80) -> str:
+def greedy(
+    model: Gemma4Unified, tok, frames: np.ndarray, instruction: str, max_tokens: int = TURN_TOKENS
+) -> str:
     """Decode the model turn for one utterance's frames (N, frame) with the KV cache."""
     p, decoder = tokenizer.prompt(tok, len(frames), instruction, None), IncrementalDecoder(model)
     audio = model.embed_audio(torch.from_numpy(frames).to(decoder.dev)[None])[0]
@@ -409,7 +416,7 @@ def greedy_interleaved(
     tok,
     frames: np.ndarray,
     chunk: int,
-    max_words: int = 24,
+    max_words: int = CHUNK_TOKENS,
     prefix: list[int] | None = None,
     stops: tuple[int, ...] | None = None,
 ) -> str:
@@ -428,11 +435,11 @@ def greedy_respond(model: Gemma4Unified, tok, frames: np.ndarray, chunk: int) ->
     a respond prompt, then the model turn decoded greedily once the audio has ended."""
     decoder = IncrementalDecoder(model)
     prefix = tokenizer.user_turn_start(tok, tokenizer.INSTRUCT_RESPOND)
-    words = decoder.transcribe(prefix, frames, chunk, 24, None, tok)
+    words = decoder.transcribe(prefix, frames, chunk, CHUNK_TOKENS, None, tok)
     logits = decoder.extend(
         model.embed_tokens(torch.tensor([tokenizer.model_turn_start(tok)], device=decoder.dev))
     )
-    response = greedy_tokens(model, logits, decoder.past, decoder.length, 80)
+    response = greedy_tokens(model, logits, decoder.past, decoder.length, TURN_TOKENS)
     return tok.decode(words), tok.decode(response)
 
 
@@ -478,19 +485,18 @@ class IncrementalDecoder:
 def drill_exact(model: Gemma4Unified, tok) -> dict:
     """Exact-match responses to the eval set's skill utterances from their written words (the drill's
     own format, no audio): whether the skill itself is learned, apart from hearing it."""
-    model.eval()
-    hits: dict[str, list[bool]] = {kind: [] for kind in SKILL_KINDS}
-    for utt in corpus.eval_utterances():
-        if utt.kind in hits:
-            words = utt.text.split()
-            p = tokenizer.drill_prompt(tok, tokenizer.word_chunks(words, [0] + [1] * len(words)), None)
-            hits[utt.kind].append(greedy_text(model, tok, p.ids) == utt.response)
-    model.train()
-    return {f"drill/{kind}": sum(h) / max(1, len(h)) for kind, h in hits.items()}
+
+    def answer(utt: corpus.Utterance) -> str:
+        words = utt.text.split()
+        prompt = tokenizer.drill_prompt(tok, tokenizer.word_chunks(words, [0] + [1] * len(words)), None)
+        return greedy_text(model, tok, prompt.ids)
+
+    skills = [(u.kind, u.response, u) for u in corpus.eval_utterances() if u.kind in SKILL_KINDS]
+    return exact_by_skill(model, "drill", skills, answer)
 
 
 @torch.no_grad()
-def greedy_text(model: Gemma4Unified, tok, ids: list[int], max_tokens: int = 80) -> str:
+def greedy_text(model: Gemma4Unified, tok, ids: list[int], max_tokens: int = TURN_TOKENS) -> str:
     """Greedy continuation of a text-only prompt up to the end of the turn."""
     decoder = IncrementalDecoder(model)
     logits = decoder.extend(model.embed_tokens(torch.tensor([ids], device=decoder.dev)))
@@ -500,15 +506,23 @@ def greedy_text(model: Gemma4Unified, tok, ids: list[int], max_tokens: int = 80)
 @torch.no_grad()
 def respond_exact(model: Gemma4Unified, tok, data: Corpus, s: TrainSettings) -> dict:
     """Exact-match responses per skill over a split's skill utterances, heard from their audio."""
+
+    def answer(i: int) -> str:
+        audio, _ = data[i]
+        return greedy_respond(model, tok, frames_of(audio, s.frame), s.chunk_frames)[1]
+
+    skills = [(r["kind"], r["response"], i) for i, r in enumerate(data.records) if r["kind"] in SKILL_KINDS]
+    return exact_by_skill(model, "respond", skills, answer)
+
+
+def exact_by_skill(model: Gemma4Unified, name: str, skills: list, answer) -> dict:
+    """{name/kind: exact-match rate} over (kind, expected response, what answer() takes), in eval mode."""
     model.eval()
     hits: dict[str, list[bool]] = {kind: [] for kind in SKILL_KINDS}
-    for i, rec in enumerate(data.records):
-        if rec["kind"] in hits:
-            audio, _ = data[i]
-            _, response = greedy_respond(model, tok, frames_of(audio, s.frame), s.chunk_frames)
-            hits[rec["kind"]].append(response.strip() == rec["response"])
+    for kind, expected, item in skills:
+        hits[kind].append(answer(item).strip() == expected)
     model.train()
-    return {f"respond/{kind}": sum(h) / max(1, len(h)) for kind, h in hits.items()}
+    return {f"{name}/{kind}": sum(h) / max(1, len(h)) for kind, h in hits.items()}
 
 
 def device_of(model: nn.Module) -> torch.device:
