@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 BATCH=${BATCH:-256} LR=${LR:-0.002} WARMUP=${WARMUP:-200} LAYERS=${LAYERS:-8}
 SYNTH=${SYNTH:-7} WORKERS=${WORKERS:-8} COUNT=${COUNT:-400000} EVAL_EVERY=${EVAL_EVERY:-1000}
 TRAIN_SECONDS=${TRAIN_SECONDS:-460} DEVICE=${DEVICE:-cuda} INIT=${INIT:-checkpoints/train-state/best.pt}
-SKILL_BOOST=${SKILL_BOOST:-1} RESPOND_PROB=${RESPOND_PROB:-0.5}  # a skills stage: 2 and 0.7 (export.train)
+# a skills stage: SKILL_BOOST=2 RESPOND_PROB=0.7 (export.train); ARITHMETIC_BOOST multiplies arithmetic's
+SKILL_BOOST=${SKILL_BOOST:-1} ARITHMETIC_BOOST=${ARITHMETIC_BOOST:-1} RESPOND_PROB=${RESPOND_PROB:-0.5}
 DRILL=${DRILL:-0} DRILL_HOME=${DRILL_HOME:-0.25}  # text-only skill examples per step (export.train.Drill)
 # Training starts once MIN_SHARDS training shards (500 utterances each) are in: a run that started on 6k
 # utterances with 5 synthesis processes (~250 utt/s against ~1200 consumed) overfitted them (held-out loss
@@ -67,7 +68,8 @@ say "first shards in; training for $TRAIN_SECONDS s"
 timeout --signal=INT $((TRAIN_SECONDS + 45)) python3 -m export.train --data "$WORK/corpus" --run "$WORK/run" \
   --init "$INIT" --layers "$LAYERS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --steps 1000000 \
   --workers "$WORKERS" --device "$DEVICE" --bf16 --threads 2 --curriculum-steps 1 \
-  --skill-boost "$SKILL_BOOST" --respond-prob "$RESPOND_PROB" --drill "$DRILL" --drill-home "$DRILL_HOME" \
+  --skill-boost "$SKILL_BOOST" --arithmetic-boost "$ARITHMETIC_BOOST" --respond-prob "$RESPOND_PROB" \
+  --drill "$DRILL" --drill-home "$DRILL_HOME" \
   --seconds "$TRAIN_SECONDS" --eval-every "$EVAL_EVERY" --eval-cer-count 8 --checkpoint-seconds 45 \
   >"$OUT/train.log" 2>&1
 say "training exited with $?"

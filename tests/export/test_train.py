@@ -80,14 +80,39 @@ def test_skill_boost_draws_skills_more_often(run_dirs):
     data = dataset.Corpus(run_dirs / "data", "train")
     kinds = [r["kind"] for r in data.records]  # arithmetic, home, sentence
 
-    def share_of_skills(boost: float) -> float:
-        sampler = train.Sampler(data, tok, settings(run_dirs, batch=50, skill_boost=boost))
+    def share_of(skills: tuple[str, ...], boost: float, arithmetic_boost: float = 1.0) -> float:
+        s = settings(run_dirs, batch=50, skill_boost=boost, arithmetic_boost=arithmetic_boost)
+        sampler = train.Sampler(data, tok, s)
         picks = [i for seed in range(20) for i in sampler.draw(np.arange(3), random.Random(seed))]
-        return sum(kinds[i] in train.SKILL_KINDS for i in picks) / len(picks)
+        return sum(kinds[i] in skills for i in picks) / len(picks)
 
-    assert 0.6 < share_of_skills(1.0) < 0.73  # two of the three utterances are skills
-    assert 0.83 < share_of_skills(4.0) < 0.95  # 8 / 9
-    assert share_of_skills(0.0) == 0.0
+    assert 0.6 < share_of(train.SKILL_KINDS, 1.0) < 0.73  # two of the three utterances are skills
+    assert 0.83 < share_of(train.SKILL_KINDS, 4.0) < 0.95  # 8 / 9
+    assert share_of(train.SKILL_KINDS, 0.0) == 0.0
+    assert 0.53 < share_of(("arithmetic",), 1.0, 3.0) < 0.67  # 3 / 5
+    assert 0.66 < share_of(("arithmetic",), 2.0, 3.0) < 0.8  # 6 / 8
+
+
+OPS = {"+": "plus", "-": "minus", "×": "times"}
+
+
+def test_training_never_draws_an_eval_problem(tmp_path, run_dirs):
+    """However it is worded: the corpus leaves out only the eval set's exact texts."""
+    asked = next(u for u in corpus.eval_utterances() if u.kind == "arithmetic")
+    a, sym, b = train.problem(asked.response).split()
+    spoken = f"compute {corpus.number_words(int(a))} {OPS[sym]} {corpus.number_words(int(b))}"
+    reworded = corpus.Utterance(spoken, asked.response, "arithmetic")
+    assert reworded.text not in {u.text for u in corpus.eval_utterances()}
+    voice = Voice("espeak", "en-us+m3", 200, 50)
+    drawn = [(u, speech.synthesize(u.text, voice)) for u in [*UTTERANCES, reworded]]
+    dataset.write_shard(tmp_path / "train-00000", drawn)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    s = replace(settings(run_dirs, batch=8, augment_prob=0.0), data=str(tmp_path))
+    sampler = train.Sampler(dataset.Corpus(tmp_path, "train"), tok, s)
+    assert sampler.trainable.tolist() == [True, True, True, False]
+    for step in range(10):
+        batch = sampler.batch(step)
+        assert not any(asked.response in tok.decode(row.tolist()) for row in batch.ids)
 
 
 def test_prompt_format(run_dirs):
