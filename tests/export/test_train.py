@@ -113,6 +113,8 @@ def test_training_never_draws_an_eval_problem(tmp_path, run_dirs):
     for step in range(10):
         batch = sampler.batch(step)
         assert not any(asked.response in tok.decode(row.tolist()) for row in batch.ids)
+    product = next(u for u in corpus.eval_utterances() if " × " in u.response)  # the times table is taught
+    assert not train.held_out("compute " + product.text, product.response, train.eval_keys())
 
 
 def test_prompt_format(run_dirs):
@@ -140,8 +142,10 @@ def test_drill_prompt_trains_the_response_from_the_written_words(run_dirs):
 def test_drill_batches_leave_the_eval_problems_out(run_dirs):
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
     drill = train.Drill(tok, settings(run_dirs, drill=64))
-    eval_problems = {train.problem(u.response) for u in corpus.eval_utterances() if u.kind == "arithmetic"}
-    assert len(eval_problems) > 30
+    evals = corpus.eval_utterances()
+    sums = [u.response for u in evals if u.kind == "arithmetic" and " × " not in u.response]
+    eval_problems = {train.problem(r) for r in sums}
+    assert len(eval_problems) > 30  # sums and differences; products are taught (train.eval_keys)
     drill.held_out |= {f"{a} + {b}" for a in range(30) for b in range(30)}  # most small sums
     responses = []
     for step in range(20):
