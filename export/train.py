@@ -66,6 +66,7 @@ class TrainSettings:
     threads: int = 2
     device: str = "auto"  # "cuda" when present, else "cpu"; or name one
     bf16: bool = False  # bf16 autocast of the forward (CUDA, AVX-512/AMX CPUs); weights, optimizer fp32
+    compile: bool = False  # torch.compile each decoder layer: norms, rope, GeGLU fused around the matmuls
     workers: int = -1  # processes making batches ahead of the step; -1: none on the CPU, 8 on CUDA
     # data mix
     prefix_prob: float = 0.3  # cut the audio at a random frame; target = words completed by then
@@ -739,6 +740,15 @@ class Prefetcher:
         self.pool, self.ahead = None, {}
 
 
+def compile_layers(model: Gemma4Unified) -> None:
+    """Compiles each decoder layer in place (its forward and backward; state_dict keys unchanged). On 2
+    AVX2 EPYC threads half of an fp32 step was elementwise ops around the matmuls (RMSNorm, rope, GeGLU,
+    layer scaling); fused, the same batches trained 1.23x faster after a ~1 minute first step. Dynamic
+    shapes, because every bucketed batch has its own length."""
+    for layer in model.language_model.layers:
+        layer.compile(dynamic=True)
+
+
 class Trainer:
     def __init__(self, s: TrainSettings, log=print):
         self.s, self.log, self.run = s, log, Path(s.run)
@@ -749,6 +759,8 @@ class Trainer:
         self.model, self.ctc_head = build_model(s, self.tok.get_vocab_size())
         self.model.to(self.device)
         self.ctc_head.to(self.device)
+        if s.compile:
+            compile_layers(self.model)
         params = list(self.model.parameters()) + list(self.ctc_head.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
         self.state = load_state(self.run, s, self.model, self.ctc_head, self.optimizer)
@@ -857,6 +869,8 @@ class Trainer:
         precision = "bf16 autocast" if self.s.bf16 else "fp32"
         if self.s.bf16 and self.device.type == "cpu" and cpu_emulates_bf16():
             precision += f" emulated on this {torch.backends.cpu.get_cpu_capability()} CPU: slower than fp32"
+        if self.s.compile:
+            precision += ", compiled layers"
         workers = f"{self.train_data.workers} batch workers"
         if self.device.type == "cuda":
             return f"cuda ({torch.cuda.get_device_name(self.device)}, {precision}, {workers})"

@@ -308,6 +308,28 @@ def test_a_deeper_run_starts_from_a_shallower_one_computing_the_same(run_dirs):
         train.grown(deep.state_dict(), shallow.state_dict())
 
 
+def test_compiled_layers_compute_the_same_loss_and_gradients(run_dirs):
+    s = settings(run_dirs, augment_prob=0.0, respond_prob=1.0)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    data = dataset.Corpus(s.data, "train")
+    examples = [train.make_example(*data[i], tok, s, random.Random(i), train=False) for i in range(3)]
+    results = []
+    for compiled in (False, True):
+        model, head = train.build_model(s, tok.get_vocab_size())  # same seed, same weights
+        if compiled:
+            train.compile_layers(model)
+        for batch in (train.collate(examples), train.collate(examples[:2])):  # two lengths, one graph
+            ce, ctc, _ = train.forward(model, head, batch)
+            model.zero_grad()
+            (ce + 0.4 * ctc).backward()
+            grads = [p.grad.clone() for p in model.language_model.layers.parameters()]
+            results.append((ce.detach(), ctc.detach(), grads))
+    for plain, fused in zip(results[:2], results[2:], strict=True):
+        torch.testing.assert_close(fused[:2], plain[:2], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused[2], plain[2], rtol=1e-3, atol=1e-5)
+    assert train.build_model(s, 300)[0].state_dict().keys() == model.state_dict().keys()
+
+
 def test_batch_workers_make_the_batches_made_in_line(run_dirs):
     s = settings(run_dirs)
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
