@@ -318,7 +318,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(run_dirs):
         model, head = train.build_model(s, tok.get_vocab_size())  # same seed, same weights
         if compiled:
             train.compile_layers(model)
-        for batch in (train.collate(examples), train.collate(examples[:2])):  # two lengths, one graph
+        for batch in (train.collate(examples), train.collate(examples[:2])):  # two batch shapes
             ce, ctc, _ = train.forward(model, head, batch)
             model.zero_grad()
             (ce + 0.4 * ctc).backward()
