@@ -40,6 +40,8 @@ def load_run(run: Path, which: str = "best") -> tuple[Gemma4Unified, dict, Train
     model = Gemma4Unified(model_config(s, vocab))
     model.load_state_dict(state["model"])
     info = {"source": str(path), "step": state["step"], "metrics": state.get("metrics")}
+    if "averaged" in state:  # a soup of runs (export/average.py): which ones, weighted how
+        info["averaged"] = state["averaged"]
     return model.eval(), info, s
 
 
