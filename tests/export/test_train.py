@@ -219,6 +219,36 @@ def test_resume_restores_state_and_saves_hf_checkpoint(run_dirs, tmp_path):
     assert (tmp_path / "default" / "tokenizer.json").exists()
 
 
+def test_accumulated_batches_add_up_to_the_mean_of_their_gradients(run_dirs):
+    s = settings(run_dirs, accumulate=2, augment_prob=0.0)
+    trainer = train.Trainer(s, log=lambda m: None)
+    separate = []
+    for index in (6, 7):  # step 3's two batches
+        batch = trainer.train_data.batch(index)
+        ce, ctc, _ = train.forward(trainer.model, trainer.ctc_head, batch)
+        trainer.model.zero_grad()
+        (ce + s.ctc_weight * ctc).backward()
+        separate.append([p.grad.clone() for p in trainer.model.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    logged = [trainer.accumulate_gradients(index) for index in (6, 7)]
+    for p, a, b in zip(trainer.model.parameters(), *separate, strict=True):
+        torch.testing.assert_close(p.grad, (a + b) / 2, rtol=1e-4, atol=1e-6)
+    assert all(part["ce"] > 0 for part in logged)
+    parts = [trainer.accumulate_gradients(index) for index in (0, 1)]
+    assert trainer.step(0)["ce"] == pytest.approx((parts[0]["ce"] + parts[1]["ce"]) / 2)  # batches 0, 1
+
+
+def test_the_curriculum_follows_optimizer_steps_not_accumulated_batches(run_dirs):
+    s = settings(run_dirs, accumulate=4, curriculum_steps=10, max_seconds=12.0)
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    sampler = train.Sampler(dataset.Corpus(s.data, "train"), tok, s)
+    asked, max_seconds = [], sampler.max_seconds
+    sampler.max_seconds = lambda step: asked.append(step) or max_seconds(step)  # type: ignore[method-assign]
+    for index in range(8):
+        sampler.batch(index)
+    assert asked == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
 def test_training_audio_embedding_matches_the_model():
     model, _ = train.build_model(TINY, 300)
     frames = torch.randn(7, TINY.frame)
