@@ -75,6 +75,8 @@ class TrainSettings:
     respond_prob: float = 0.5  # ask for a response after the transcript
     skill_boost: float = 1.0  # draw weight of arithmetic and home-control utterances against the rest's 1
     arithmetic_boost: float = 1.0  # arithmetic's weight on top of that: skill_boost x arithmetic_boost
+    words_boost: float = 1.0  # draw weight of random-word utterances: no language model to lean on, the
+    # audio alone (a held-out word costs ~2x a held-out sentence's per token: the hearing is the limit)
     drill: int = 0  # text-only skill examples per step beside the batch (see Drill); 0 = none
     drill_home: float = 0.25  # the drill's share of home commands (the rest: arithmetic)
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
@@ -276,6 +278,8 @@ class Sampler:
     def draw_weight(self, kind: str) -> float:
         if kind == "arithmetic":
             return self.s.skill_boost * self.s.arithmetic_boost
+        if kind == "words":
+            return self.s.words_boost
         return self.s.skill_boost if kind in SKILL_KINDS else 1.0
 
     def refresh(self) -> None:
@@ -297,7 +301,7 @@ class Sampler:
 
     def draw(self, pool: np.ndarray, rng: random.Random) -> list[int]:
         """A batch's utterances from `pool`, with replacement; skills weighted by `draw_weight`."""
-        if (self.s.skill_boost, self.s.arithmetic_boost) == (1.0, 1.0):  # the draw of the runs before them
+        if (self.s.skill_boost, self.s.arithmetic_boost, self.s.words_boost) == (1.0, 1.0, 1.0):  # as before
             return [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
         return [int(i) for i in rng.choices(list(pool), weights=list(self.weights[pool]), k=self.s.batch)]
 

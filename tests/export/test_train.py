@@ -93,6 +93,16 @@ def test_skill_boost_draws_skills_more_often(run_dirs):
     assert 0.66 < share_of(("arithmetic",), 2.0, 3.0) < 0.8  # 6 / 8
 
 
+def test_words_boost_draws_random_words_more_often(run_dirs):
+    tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
+    data = dataset.Corpus(run_dirs / "data", "train")
+    data.records[2] = {**data.records[2], "kind": "words"}  # this copy's sentence, as a random-word one
+    for boost, share in ((1.0, 1 / 3), (4.0, 4 / 6)):
+        sampler = train.Sampler(data, tok, settings(run_dirs, batch=50, words_boost=boost))
+        picks = [i for seed in range(20) for i in sampler.draw(np.arange(3), random.Random(seed))]
+        assert abs(picks.count(2) / len(picks) - share) < 0.07
+
+
 OPS = {"+": "plus", "-": "minus", "×": "times"}
 
 
