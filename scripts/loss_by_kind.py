@@ -3,7 +3,7 @@
 Where a run's held-out loss comes from: kinds whose held-out loss is far above their training loss lean on
 text the model has memorized; random words (no language model to lean on) measure the hearing alone.
 
-    .venv/bin/python scripts/loss_by_kind.py checkpoints/train-state/best.pt --data data/corpus
+    .venv/bin/python scripts/loss_by_kind.py checkpoints/train-state --data data/corpus
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from pathlib import Path
 
 import torch
 
-from export import dataset, tokenizer, train
+from export import dataset, save_default, tokenizer, train
 from export.model import Gemma4Unified
 
 
-def load(weights: Path, settings: Path, tok) -> tuple[Gemma4Unified, torch.nn.Linear, train.TrainSettings]:
-    s = train.TrainSettings(**json.loads(settings.read_text()))
-    s = replace(s, respond_prob=1.0, compile=False)  # the evaluation's prompt: transcript and response
-    model, head = train.build_model(s, tok.get_vocab_size())
-    state = torch.load(weights, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    head.load_state_dict(state["ctc_head"])
-    return model.eval(), head, s
+def load(run: Path) -> tuple[Gemma4Unified, torch.nn.Linear, train.TrainSettings]:
+    """The run's best weights and settings, prompted as the evaluation prompts (transcript and response),
+    with a fresh CTC head: `train.forward` computes its loss too, which this measurement leaves unread."""
+    model, _, s = save_default.load_run(run)
+    s = replace(s, respond_prob=1.0)
+    return model, torch.nn.Linear(s.hidden, train.ctc_classes(s, model.cfg.text.vocab_size)), s
 
 
 def loss_by_kind(model, head, tok, s, data: dataset.Corpus, indices) -> dict[str, tuple[int, float]]:
@@ -44,16 +42,14 @@ def loss_by_kind(model, head, tok, s, data: dataset.Corpus, indices) -> dict[str
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_argument("weights", type=Path, help="a run's best.pt / state.pt")
-    cli.add_argument("--settings", type=Path, default=Path("checkpoints/train-state/settings.json"))
-    cli.add_argument("--tokenizer", type=Path, default=Path("checkpoints/train-state/tokenizer.json"))
+    cli.add_argument("run", type=Path, help="a run directory: best.pt (or state.pt) and tokenizer.json")
     cli.add_argument("--data", default="data/corpus")
     cli.add_argument("--count", type=int, default=400, help="utterances per split")
     cli.add_argument("--threads", type=int, default=1)
     args = cli.parse_args()
     torch.set_num_threads(args.threads)
-    tok = tokenizer.load(args.tokenizer)
-    model, head, s = load(args.weights, args.settings, tok)
+    tok = tokenizer.load(args.run / "tokenizer.json")
+    model, head, s = load(args.run)
     train_split, held = dataset.Corpus(args.data, "train"), dataset.Corpus(args.data, "eval-seen")
     every = max(1, len(train_split) // args.count)  # spread over the corpus's shards
     result = {
