@@ -3,7 +3,8 @@
 
 Reports, for the first --limit utterances of "eval-seen" (training voices) and "eval-heldout" (the
 held-out voice family):
-  asr      WER / CER per voice family, clean, with noise (NOISE_SNR_DB, seeded) and through Opus
+  asr      WER / CER per voice family, clean, with noise (NOISE_SNR_DB, seeded) and through Opus;
+           asr_by_kind the same per utterance kind (sentences, templates, random words, skills)
   skills   response exact-match per skill on eval-seen, clean, with each miss (what was said, heard and
            answered) to tell a misheard number from a wrong sum
   mtp      drafter acceptance and tokens per decoder call (transcripts, responses), and whether
@@ -20,7 +21,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -207,8 +208,8 @@ def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     }
 
 
-def asr_report(runtime: Runtime, options: StreamingOptions, split: list[Sample], log=stamped) -> dict:
-    """{family | "all": {condition: {utterances, wer, cer}}} from transcribe-only sessions."""
+def transcripts(runtime: Runtime, options: StreamingOptions, split: list[Sample], log=stamped) -> dict:
+    """{condition: [transcript per utterance]} from transcribe-only sessions."""
     hyps = {}
     for condition in CONDITIONS:
         hyps[condition] = [
@@ -216,14 +217,19 @@ def asr_report(runtime: Runtime, options: StreamingOptions, split: list[Sample],
             for s in split
         ]
         log(f"eval: {condition} done, e.g. {split[0].record['text']!r} -> {hyps[condition][0][:80]!r}")
+    return hyps
+
+
+def rates_by(group_of: Callable[[Sample], str], split: list[Sample], hyps: dict) -> dict:
+    """{group | "all": {condition: {utterances, wer, cer}}}, utterances grouped by group_of."""
     groups = defaultdict(list)
     for k, s in enumerate(split):
-        groups[s.family].append(k)
+        groups[group_of(s)].append(k)
     groups["all"] = list(range(len(split)))
     refs = [s.record["text"] for s in split]
     return {
-        family: {c: error_rates([refs[k] for k in ks], [hyps[c][k] for k in ks]) for c in CONDITIONS}
-        for family, ks in sorted(groups.items())
+        group: {c: error_rates([refs[k] for k in ks], [hyps[c][k] for k in ks]) for c in CONDITIONS}
+        for group, ks in sorted(groups.items())
     }
 
 
@@ -316,10 +322,13 @@ def evaluate(model_dir: Path, data: Path, limit: int, settings: Settings, log=st
         "limit": limit,
         "conditions": {"noise": f"{NOISE_COLOR} {NOISE_SNR_DB:g} dB SNR", "opus": f"{OPUS_BITRATE} bit/s"},
         "asr": {},
+        "asr_by_kind": {},
     }
     for split, group in splits.items():
         log(f"eval: {split}, {len(group)} utterances x {len(CONDITIONS)} conditions")
-        report["asr"][split] = asr_report(runtime, served, group, log)
+        hyps = transcripts(runtime, served, group, log)
+        report["asr"][split] = rates_by(lambda s: s.family, group, hyps)
+        report["asr_by_kind"][split] = rates_by(lambda s: s.record["kind"], group, hyps)  # which text errs
     log("eval: skills and MTP (respond, with and without MTP)")
     report["skills"], report["mtp"] = skills_and_mtp(runtime, served, splits["eval-seen"])
     log(f"eval: emission delay ({CHUNK_MS} ms chunks)")
@@ -345,13 +354,17 @@ def model_directory(path: Path, log=stamped) -> Path:
 
 
 def table(report: dict) -> str:
-    lines = [
-        f"{'split':<13} {'family':<12} {'n':>4}  " + "  ".join(f"{c + ' WER/CER':>17}" for c in CONDITIONS)
-    ]
+    header = "  ".join(f"{c + ' WER/CER':>17}" for c in CONDITIONS)
+    lines = [f"{'split':<13} {'family / kind':<15} {'n':>4}  {header}"]
     for split, families in report["asr"].items():
         for family, by in families.items():
             cells = "  ".join(f"{by[c]['wer']:>8.3f}/{by[c]['cer']:<8.3f}" for c in CONDITIONS)
-            lines.append(f"{split:<13} {family:<12} {by['clean']['utterances']:>4}  {cells}")
+            lines.append(f"{split:<13} {family:<15} {by['clean']['utterances']:>4}  {cells}")
+    for split, kinds in report.get("asr_by_kind", {}).items():
+        for kind, by in kinds.items():
+            if kind != "all":
+                cells = "  ".join(f"{by[c]['wer']:>8.3f}/{by[c]['cer']:<8.3f}" for c in CONDITIONS)
+                lines.append(f"{split:<13} {'kind ' + kind:<15} {by['clean']['utterances']:>4}  {cells}")
     lines += [
         f"skill {k:<10} n={v['utterances']:<4} exact {v['exact']:.3f}" for k, v in report["skills"].items()
     ]

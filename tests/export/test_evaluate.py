@@ -74,6 +74,9 @@ def test_report_structure(model_dir: Path, corpus: Path, tmp_path: Path):
         assert set(by) == set(evaluate.CONDITIONS)
         assert all({"utterances", "wer", "cer"} <= set(v) for v in by.values())
     assert seen["all"]["clean"]["utterances"] == 2
+    by_kind = report["asr_by_kind"]["eval-seen"]  # the same transcripts, grouped by what was said
+    assert set(by_kind) == {"all", "arithmetic", "sentence"} and by_kind["all"] == seen["all"]
+    assert set(report["asr_by_kind"]["eval-heldout"]) == {"all", "home"}
     assert set(report["skills"]) == {"arithmetic", "fallback"}
     for skill in report["skills"].values():  # the tiny model misses some: each miss says what it answered
         assert len(skill["misses"]) == round(skill["utterances"] * (1 - skill["exact"]))
