@@ -353,18 +353,18 @@ def model_directory(path: Path, log=stamped) -> Path:
     return out
 
 
+def asr_row(split: str, group: str, by: dict) -> str:
+    cells = "  ".join(f"{by[c]['wer']:>8.3f}/{by[c]['cer']:<8.3f}" for c in CONDITIONS)
+    return f"{split:<13} {group:<15} {by['clean']['utterances']:>4}  {cells}"
+
+
 def table(report: dict) -> str:
     header = "  ".join(f"{c + ' WER/CER':>17}" for c in CONDITIONS)
     lines = [f"{'split':<13} {'family / kind':<15} {'n':>4}  {header}"]
     for split, families in report["asr"].items():
-        for family, by in families.items():
-            cells = "  ".join(f"{by[c]['wer']:>8.3f}/{by[c]['cer']:<8.3f}" for c in CONDITIONS)
-            lines.append(f"{split:<13} {family:<15} {by['clean']['utterances']:>4}  {cells}")
-    for split, kinds in report.get("asr_by_kind", {}).items():
-        for kind, by in kinds.items():
-            if kind != "all":
-                cells = "  ".join(f"{by[c]['wer']:>8.3f}/{by[c]['cer']:<8.3f}" for c in CONDITIONS)
-                lines.append(f"{split:<13} {'kind ' + kind:<15} {by['clean']['utterances']:>4}  {cells}")
+        lines += [asr_row(split, family, by) for family, by in families.items()]
+    for split, kinds in report["asr_by_kind"].items():  # its "all" is the row above
+        lines += [asr_row(split, f"kind {kind}", by) for kind, by in kinds.items() if kind != "all"]
     lines += [
         f"skill {k:<10} n={v['utterances']:<4} exact {v['exact']:.3f}" for k, v in report["skills"].items()
     ]
