@@ -77,6 +77,8 @@ class TrainSettings:
     arithmetic_boost: float = 1.0  # arithmetic's weight on top of that: skill_boost x arithmetic_boost
     words_boost: float = 1.0  # draw weight of random-word utterances: no language model to lean on, the
     # audio alone (a held-out word costs ~2x a held-out sentence's per token: the hearing is the limit)
+    sentence_boost: float = 1.0  # draw weight of free-text sentences: 72% of the served model's
+    # character errors, yet 24% of a skills-stage batch
     drill: int = 0  # text-only skill examples per step beside the batch (see Drill); 0 = none
     drill_home: float = 0.25  # the drill's share of home commands (the rest: arithmetic)
     augment_prob: float = 0.6  # utterances that get on-the-fly augmentation
@@ -280,6 +282,8 @@ class Sampler:
             return self.s.skill_boost * self.s.arithmetic_boost
         if kind == "words":
             return self.s.words_boost
+        if kind == "sentence":
+            return self.s.sentence_boost
         return self.s.skill_boost if kind in SKILL_KINDS else 1.0
 
     def refresh(self) -> None:
@@ -301,7 +305,8 @@ class Sampler:
 
     def draw(self, pool: np.ndarray, rng: random.Random) -> list[int]:
         """A batch's utterances from `pool`, with replacement; skills weighted by `draw_weight`."""
-        if (self.s.skill_boost, self.s.arithmetic_boost, self.s.words_boost) == (1.0, 1.0, 1.0):  # as before
+        s = self.s
+        if (s.skill_boost, s.arithmetic_boost, s.words_boost, s.sentence_boost) == (1.0,) * 4:  # as before
             return [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
         return [int(i) for i in rng.choices(list(pool), weights=list(self.weights[pool]), k=self.s.batch)]
 

@@ -93,12 +93,14 @@ def test_skill_boost_draws_skills_more_often(run_dirs):
     assert 0.66 < share_of(("arithmetic",), 2.0, 3.0) < 0.8  # 6 / 8
 
 
-def test_words_boost_draws_random_words_more_often(run_dirs):
+@pytest.mark.parametrize("kind", ["words", "sentence"])
+def test_kind_boost_draws_that_kind_more_often(run_dirs, kind):
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
     data = dataset.Corpus(run_dirs / "data", "train")
-    data.records[2] = {**data.records[2], "kind": "words"}  # this copy's sentence, as a random-word one
+    data.records[2] = {**data.records[2], "kind": kind}  # this copy's sentence, as that kind
     for boost, share in ((1.0, 1 / 3), (4.0, 4 / 6)):
-        sampler = train.Sampler(data, tok, settings(run_dirs, batch=50, words_boost=boost))
+        s = settings(run_dirs, batch=50, **{f"{kind}_boost": boost})
+        sampler = train.Sampler(data, tok, s)
         picks = [i for seed in range(20) for i in sampler.draw(np.arange(3), random.Random(seed))]
         assert abs(picks.count(2) / len(picks) - share) < 0.07
 
