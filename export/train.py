@@ -274,6 +274,7 @@ class Sampler:
         records = self.data.records
         self.seconds = np.array([r["samples"] / 16000 for r in records])
         self.weights = np.array([self.draw_weight(r["kind"]) for r in records])
+        self.uniform = bool((self.weights == 1.0).all())  # no kind boosted: draw as before the boosts
         keys = eval_keys()
         self.trainable = np.array([not held_out(r["text"], r["response"], keys) for r in records], dtype=bool)
 
@@ -305,8 +306,7 @@ class Sampler:
 
     def draw(self, pool: np.ndarray, rng: random.Random) -> list[int]:
         """A batch's utterances from `pool`, with replacement; skills weighted by `draw_weight`."""
-        s = self.s
-        if (s.skill_boost, s.arithmetic_boost, s.words_boost, s.sentence_boost) == (1.0,) * 4:  # as before
+        if self.uniform:
             return [int(pool[rng.randrange(len(pool))]) for _ in range(self.s.batch)]
         return [int(i) for i in rng.choices(list(pool), weights=list(self.weights[pool]), k=self.s.batch)]
 
