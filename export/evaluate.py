@@ -30,7 +30,7 @@ import numpy as np
 
 from export.augment import add_noise, opus_round_trip
 from export.dataset import Corpus, stamped
-from export.metrics import char_error_rate, word_error_rate, words_of
+from export.metrics import char_error_rate, wilson_interval, word_error_rate, words_of
 from rawwave.contract import (
     SAMPLE_RATE,
     SAMPLE_WIDTH,
@@ -247,25 +247,20 @@ def skills_and_mtp(runtime: Runtime, served: StreamingOptions, split: list[Sampl
     """Respond sessions on clean audio, with MTP (as served) and without: response exact-match per skill,
     drafter statistics, and whether both decodes agree."""
     plain = replace(served, mtp=False)
-    right, seen, misses = defaultdict(int), defaultdict(int), defaultdict(list)
+    items, misses = defaultdict(list), defaultdict(list)
     transcript_stats, response_stats, differ = DecodeStats(), DecodeStats(), []
     for s in split:
         pcm = pcm_bytes(s.audio)
         with_mtp, without = decode(runtime, served, pcm, True), decode(runtime, plain, pcm, True)
         skill = SKILLS.get(s.record["kind"], s.record["kind"])
-        seen[skill] += 1
-        if with_mtp.response == s.record["response"]:
-            right[skill] += 1
-        else:
+        items[skill].append(s.index)
+        if with_mtp.response != s.record["response"]:
             misses[skill].append(miss(s, with_mtp))
         transcript_stats.add(with_mtp.transcript_stats)
         response_stats.add(with_mtp.response_stats)
         if (with_mtp.finals, with_mtp.responses) != (without.finals, without.responses):
             differ.append(s.index)
-    skills = {
-        k: {"utterances": n, "exact": round(right[k] / n, 4), "misses": misses[k]}
-        for k, n in sorted(seen.items())
-    }
+    skills = {k: skill_summary(items[k], misses[k]) for k in sorted(items)}
     mtp = {
         "drafter": runtime.drafter is not None and served.mtp,
         "transcripts": mtp_summary(transcript_stats),
@@ -274,6 +269,20 @@ def skills_and_mtp(runtime: Runtime, served: StreamingOptions, split: list[Sampl
         "differing_utterances": differ,
     }
     return skills, mtp
+
+
+def skill_summary(items: list[int], misses: list[dict]) -> dict:
+    """Exact-match rate with its 95% interval; the utterances asked, so that two reports on the same
+    corpus can be compared item by item (`rawwave compare`)."""
+    n, right = len(items), len(items) - len(misses)
+    low, high = wilson_interval(right, n)
+    return {
+        "utterances": n,
+        "exact": round(right / n, 4),
+        "interval": [round(low, 4), round(high, 4)],
+        "items": items,
+        "misses": misses,
+    }
 
 
 def miss(sample: Sample, decoded: Decoded) -> dict:
@@ -358,6 +367,11 @@ def asr_row(split: str, group: str, by: dict) -> str:
     return f"{split:<13} {group:<15} {by['clean']['utterances']:>4}  {cells}"
 
 
+def skill_row(skill: str, v: dict) -> str:
+    low, high = v["interval"]
+    return f"skill {skill:<10} n={v['utterances']:<4} exact {v['exact']:.3f}  95% {low:.2f}-{high:.2f}"
+
+
 def table(report: dict) -> str:
     header = "  ".join(f"{c + ' WER/CER':>17}" for c in CONDITIONS)
     lines = [f"{'split':<13} {'family / kind':<15} {'n':>4}  {header}"]
@@ -365,9 +379,7 @@ def table(report: dict) -> str:
         lines += [asr_row(split, family, by) for family, by in families.items()]
     for split, kinds in report["asr_by_kind"].items():  # its "all" is the row above
         lines += [asr_row(split, f"kind {kind}", by) for kind, by in kinds.items() if kind != "all"]
-    lines += [
-        f"skill {k:<10} n={v['utterances']:<4} exact {v['exact']:.3f}" for k, v in report["skills"].items()
-    ]
+    lines += [skill_row(k, v) for k, v in report["skills"].items()]
     mtp = report["mtp"]
     for part in ("transcripts", "responses"):
         m = mtp[part]

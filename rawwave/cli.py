@@ -53,6 +53,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "evaluate a model directory (WER, skills, MTP)",
         "rawwave eval models/default",
     ),
+    "compare": (
+        "export.compare",
+        "compare two eval reports, skills utterance by utterance",
+        "rawwave compare runs/eval/a.json runs/eval/b.json",
+    ),
     "bench": ("bench.cli", "run a benchmark, write bench/results/NAME.json", "rawwave bench queue"),
     "settings": (
         "rawwave.settings_cmd",

@@ -81,6 +81,9 @@ def test_report_structure(model_dir: Path, corpus: Path, tmp_path: Path):
     for skill in report["skills"].values():  # the tiny model misses some: each miss says what it answered
         assert len(skill["misses"]) == round(skill["utterances"] * (1 - skill["exact"]))
         assert all({"said", "heard", "expected", "answered"} <= set(m) for m in skill["misses"])
+        low, high = skill["interval"]
+        assert 0 <= low <= skill["exact"] <= high <= 1 and len(skill["items"]) == skill["utterances"]
+    assert report["skills"]["arithmetic"]["items"] == [0] and report["skills"]["fallback"]["items"] == [1]
     assert report["mtp"]["identical_to_no_mtp"] is True
     assert {"acceptance", "tokens_per_call"} <= set(report["mtp"]["transcripts"])
     delay = report["delay"]
