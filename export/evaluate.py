@@ -5,8 +5,9 @@ Reports, for the first --limit utterances of "eval-seen" (training voices) and "
 held-out voice family):
   asr      WER / CER per voice family, clean, with noise (NOISE_SNR_DB, seeded) and through Opus;
            asr_by_kind the same per utterance kind (sentences, templates, random words, skills)
-  skills   response exact-match per skill on eval-seen, clean, with each miss (what was said, heard and
-           answered) to tell a misheard number from a wrong sum
+  skills   response exact-match per skill on eval-seen, clean, with its 95% interval, the utterances asked
+           (for `rawwave compare`) and each miss (what was said, heard and answered) to tell a misheard
+           number from a wrong sum
   mtp      drafter acceptance and tokens per decoder call (transcripts, responses), and whether
            decoding with MTP gives the same output as decoding without it
   delay    word emission delay streaming CHUNK_MS chunks: the audio time at which a reference word first
