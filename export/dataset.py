@@ -8,7 +8,9 @@ Splits: "train" (training voices, corpus.sample text), "eval-seen" (the committe
 in training voices) and "eval-heldout" (the same sentences in the held-out voice family).
 A shard is finished once its .jsonl exists (written last, atomically); a restart skips finished shards.
 Utterance i of a split is drawn from its own seeded generator, so the corpus does not depend on the
-number of workers or on restarts.
+number of workers or on restarts. --seed draws the training split; the evaluation splits are always drawn
+from EVAL_SEED, so that corpora made with other seeds (fresh training utterances) speak the evaluation set
+with the same voices and every evaluation compares with every other.
 """
 
 import argparse
@@ -27,12 +29,13 @@ from export import corpus, speech
 
 FORMAT_VERSION = 1
 MAX_SECONDS = 12.0  # utterances longer than this are redrawn
+EVAL_SEED = 0  # the evaluation splits' voices, whatever --seed draws the training split
 
 
 @dataclass(frozen=True)
 class DataSettings:
     out: str = "data/corpus"  # where shards and manifest.json go
-    seed: int = 0  # everything below is a function of this seed
+    seed: int = 0  # the training split is a function of this seed (the evaluation splits: EVAL_SEED)
     count: int = 100_000  # training utterances (rounded up to whole shards)
     shard_size: int = 500  # utterances per shard file
     workers: int = 2  # generator processes
@@ -113,7 +116,7 @@ def plan(settings: DataSettings) -> list[ShardJob]:
     """Every shard of every split; evaluation shards first (they are small and needed early)."""
     n_eval = len(corpus.eval_utterances())
     sizes = {"eval-seen": n_eval, "eval-heldout": n_eval}
-    jobs = [ShardJob(split, 0, size, settings.seed, settings.out) for split, size in sizes.items()]
+    jobs = [ShardJob(split, 0, size, EVAL_SEED, settings.out) for split, size in sizes.items()]
     n_train = -(-settings.count // settings.shard_size)
     jobs += [ShardJob("train", k, settings.shard_size, settings.seed, settings.out) for k in range(n_train)]
     return jobs
