@@ -782,6 +782,7 @@ class Trainer:
         self.train_data = Prefetcher(Sampler(Corpus(s.data, "train"), self.tok, s), workers)
         self.drill = Drill(self.tok, s) if s.drill > 0 else None
         self.evals = {split: Corpus(s.data, split) for split in ("eval-seen", "eval-heldout")}
+        self.probe = Corpus(s.data, "train")
         self.write_settings()
 
     def step(self, step: int) -> dict:
@@ -813,11 +814,19 @@ class Trainer:
         for split, data in self.evals.items():
             for k, v in evaluate(self.model, self.ctc_head, self.tok, data, self.s).items():
                 out[f"{split}/{k}"] = round(v, 4)
+        out["train/loss"] = round(self.memorized_loss(), 4)
         if self.drill:  # the drilled skills, written and heard (clean audio, seen voices)
             out |= {k: round(v, 4) for k, v in drill_exact(self.model, self.tok).items()}
             skills = respond_exact(self.model, self.tok, self.evals["eval-seen"], self.s)
             out |= {k: round(v, 4) for k, v in skills.items()}
         return out
+
+    def memorized_loss(self) -> float:
+        """The same loss on the first training utterances: how far below eval-seen/loss it lies is what
+        the model learned of the utterances it trains on and not of others (measured at 0.22 against
+        0.33 after ~20 stages over the same 200k utterances; utterances of a fresh corpus: 0.32)."""
+        loss_only = replace(self.s, eval_cer_count=0)
+        return evaluate(self.model, self.ctc_head, self.tok, self.probe, loss_only)["loss"]
 
     def checkpoint(self, step: int) -> None:
         save_state(self.run / "state.pt", **self.weights(), optimizer=self.optimizer.state_dict(), step=step,

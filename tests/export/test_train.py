@@ -192,6 +192,7 @@ def test_training_with_a_drill_logs_its_loss(run_dirs, tmp_path):
     evals = [x["eval"] for x in lines if "eval" in x]  # the drilled skills, written and heard
     skills = {f"{how}/{kind}" for how in ("drill", "respond") for kind in train.SKILL_KINDS}
     assert evals and skills <= set(evals[-1]) and all(0 <= evals[-1][k] <= 1 for k in skills)
+    assert 0 < evals[-1]["train/loss"] < 20  # the loss on utterances it trains on, beside the held-out
 
 
 def test_a_few_steps_reduce_the_loss(run_dirs):
