@@ -65,10 +65,13 @@ def compare_asr(base: dict, new: dict) -> dict:
 
 
 def compare(base: dict, new: dict) -> dict:
+    """Skills paired; WER/CER per voice family ("asr") and, where both reports have them, per utterance
+    kind ("asr_by_kind": which kinds a change in the overall CER came from)."""
     shared = sorted(set(base["skills"]) & set(new["skills"]))
     return {
         "skills": {k: compare_skill(k, base["skills"][k], new["skills"][k]) for k in shared},
         "asr": compare_asr(base["asr"], new["asr"]),
+        "asr_by_kind": compare_asr(base.get("asr_by_kind", {}), new.get("asr_by_kind", {})),
     }
 
 
@@ -82,6 +85,9 @@ def table(comparison: dict) -> str:
     lines.append(f"{'split':<13} {'group':<15} {'condition':<9} {'base WER/CER':>15} {'new WER/CER':>15}")
     for split, groups in comparison["asr"].items():
         lines += [asr_row(split, group, c, m) for group, cs in groups.items() for c, m in cs.items()]
+    for split, kinds in comparison["asr_by_kind"].items():  # "all" is the voice families' "all" again
+        rows = [(kind, c, m) for kind, cs in kinds.items() if kind != "all" for c, m in cs.items()]
+        lines += [asr_row(split, f"kind:{kind}", c, m) for kind, c, m in rows]
     return "\n".join(lines)
 
 

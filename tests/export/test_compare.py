@@ -18,7 +18,12 @@ def skill(items: list[int], wrong: list[int]) -> dict:
 
 def report(wrong: list[int], cer: float) -> dict:
     rates = {c: {"utterances": 10, "wer": 2 * cer, "cer": cer} for c in ("clean", "opus")}
-    return {"skills": {"arithmetic": skill(list(range(10)), wrong)}, "asr": {"eval-seen": {"all": rates}}}
+    by_kind = {"all": rates, "sentence": {"clean": {"utterances": 4, "wer": 0.9, "cer": 2 * cer}}}
+    return {
+        "skills": {"arithmetic": skill(list(range(10)), wrong)},
+        "asr": {"eval-seen": {"all": rates}},
+        "asr_by_kind": {"eval-seen": by_kind},
+    }
 
 
 def test_wilson_interval_brackets_the_rate():
@@ -40,6 +45,7 @@ def test_skills_pair_by_utterance():
     assert arith["fixed"] == [1, 2] and arith["broken"] == [4]  # 3 is missed by both: it does not count
     assert arith["p"] == pytest.approx(1.0)
     assert c["asr"]["eval-seen"]["all"]["clean"]["cer"] == (0.3, 0.2)
+    assert c["asr_by_kind"]["eval-seen"]["sentence"]["clean"]["cer"] == (0.6, 0.4)
 
 
 def test_reports_on_other_utterances_refuse(tmp_path: Path):
@@ -59,4 +65,6 @@ def test_run_writes_the_comparison(tmp_path: Path, capsys: pytest.CaptureFixture
     new.write_text(json.dumps(report([], 0.2)))
     assert compare.run(argparse.Namespace(base=base, new=new, out=out)) == 0
     assert json.loads(out.read_text())["skills"]["arithmetic"]["fixed"] == [0, 1, 2, 3, 4, 5]
-    assert "0.031" in capsys.readouterr().out  # 6 fixed, none broken: p = 2 / 64
+    printed = capsys.readouterr().out
+    assert "0.031" in printed  # 6 fixed, none broken: p = 2 / 64
+    assert "kind:sentence" in printed and "kind:all" not in printed
