@@ -55,6 +55,8 @@ class TrainSettings:
     chunk_frames: int = 8  # interleaved: audio frames per chunk (8 x 40 ms = 320 ms)
     init: str = ""  # a state.pt / best.pt whose weights a fresh run starts from (fresh optimizer);
     # a shallower one grows into this run's depth (see `grown`)
+    grown_lr_scale: float = 1.0  # lr multiplier of the layers that growth added: they start as identities
+    # whose zeroed post-norm scales Adam moves ~lr a step, so at a continuation's lr they stay nearly off
     # optimization
     batch: int = 48
     accumulate: int = 1  # batches per optimizer step: an effective batch of batch x accumulate where
@@ -679,6 +681,28 @@ def grown(weights: dict, fresh: dict) -> dict:
 _POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
+def added_layers(s: TrainSettings) -> int:
+    """How many bottom layers `grown` adds to --init's weights (0 without --init)."""
+    if not s.init:
+        return 0
+    keys = torch.load(s.init, weights_only=False, map_location="cpu")["model"].keys()
+    depth = 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in keys if k.startswith(LAYER_PREFIX))
+    return max(0, s.layers - depth)
+
+
+def parameter_groups(model: nn.Module, ctc_head: nn.Module, added: int, scale: float) -> list[dict]:
+    """The optimizer's groups: the layers growth added (the bottom `added`) at `scale` times the lr, the
+    rest at the lr. A group's lr_scale survives in the optimizer state, so a resumed run keeps it."""
+    new = tuple(f"{LAYER_PREFIX}{i}." for i in range(added))
+    named = list(model.named_parameters())
+    grown_params = [p for name, p in named if name.startswith(new)]
+    rest = [p for name, p in named if not name.startswith(new)] + list(ctc_head.parameters())
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if grown_params:
+        groups.append({"params": grown_params, "lr_scale": scale})
+    return groups
+
+
 def run_tokenizer(run: Path) -> object:
     """The run's vocabulary: trained once on first start, then always reloaded (ids must not move)."""
     path = run / "tokenizer.json"
@@ -775,8 +799,8 @@ class Trainer:
         self.ctc_head.to(self.device)
         if s.compile:
             compile_layers(self.model)
-        params = list(self.model.parameters()) + list(self.ctc_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
+        groups = parameter_groups(self.model, self.ctc_head, added_layers(s), s.grown_lr_scale)
+        self.optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98), weight_decay=s.weight_decay)
         self.state = load_state(self.run, s, self.model, self.ctc_head, self.optimizer)
         workers = s.workers if s.workers >= 0 else (8 if self.device.type == "cuda" else 0)
         self.train_data = Prefetcher(Sampler(Corpus(s.data, "train"), self.tok, s), workers)
@@ -786,7 +810,7 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.s, step)
+            group["lr"] = learning_rate(self.s, step) * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         parts = [self.accumulate_gradients(step * self.s.accumulate + k) for k in range(self.s.accumulate)]
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

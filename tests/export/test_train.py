@@ -351,6 +351,24 @@ def test_a_deeper_run_starts_from_a_shallower_one_computing_the_same(run_dirs):
         train.grown(deep.state_dict(), shallow.state_dict())
 
 
+def test_the_layers_growth_added_train_at_their_own_scaled_lr(run_dirs, tmp_path):
+    s = settings(run_dirs, augment_prob=0.0, respond_prob=1.0)
+    shallow, head = train.build_model(s, tokenizer.load(run_dirs / "run" / "tokenizer.json").get_vocab_size())
+    torch.save({"model": shallow.state_dict(), "ctc_head": head.state_dict()}, tmp_path / "shallow.pt")
+    deep = replace(s, run=str(tmp_path / "deep"), layers=s.layers + 2, init=str(tmp_path / "shallow.pt"))
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "tokenizer.json").write_bytes((run_dirs / "run" / "tokenizer.json").read_bytes())
+    assert train.added_layers(deep) == 2 and train.added_layers(replace(deep, init="")) == 0
+    trainer = train.Trainer(replace(deep, grown_lr_scale=4.0), log=lambda m: None)
+    post_norm = "language_model.layers.0.post_feedforward_layernorm.weight"
+    assert not trainer.model.state_dict()[post_norm].any()
+    trainer.step(0)
+    rest, grown_layers = trainer.optimizer.param_groups
+    assert rest["lr"] == pytest.approx(s.lr) and grown_layers["lr"] == pytest.approx(4 * s.lr)
+    assert len(grown_layers["params"]) == 2 * len(list(trainer.model.language_model.layers[0].parameters()))
+    assert trainer.model.state_dict()[post_norm].any()  # the added layers leave the identity
+
+
 def test_compiled_layers_compute_the_same_loss_and_gradients(run_dirs):
     s = settings(run_dirs, augment_prob=0.0, respond_prob=1.0)
     tok = tokenizer.load(run_dirs / "run" / "tokenizer.json")
