@@ -14,25 +14,21 @@ from pathlib import Path
 import torch
 
 from export.dataset import stamped
-from export.train import LAYER_PREFIX, save_atomically
-
-
-def layer_index(name: str) -> int:
-    return int(name[len(LAYER_PREFIX) :].split(".", 1)[0])
+from export.train import LAYER_PREFIX, POST_NORMS, layer_depth, save_atomically
 
 
 def without_bottom_layers(weights: dict[str, torch.Tensor], drop: int) -> dict[str, torch.Tensor]:
     """`weights` less its bottom `drop` decoder layers, the rest renumbered from 0."""
-    depth = 1 + max(layer_index(k) for k in weights if k.startswith(LAYER_PREFIX))
+    depth = layer_depth(weights)
     if not 0 < drop < depth:
         raise ValueError(f"can drop 1 to {depth - 1} of {depth} layers, not {drop}")
     out = {}
     for name, value in weights.items():
         if name.startswith(LAYER_PREFIX):
-            index, rest = layer_index(name), name.split(".", 3)[3]
-            if index < drop:
+            index, rest = name[len(LAYER_PREFIX) :].split(".", 1)
+            if int(index) < drop:
                 continue
-            name = f"{LAYER_PREFIX}{index - drop}.{rest}"
+            name = f"{LAYER_PREFIX}{int(index) - drop}.{rest}"
         out[name] = value
     return out
 
@@ -42,9 +38,6 @@ def bottom_layer_scales(weights: dict[str, torch.Tensor], count: int) -> list[fl
     return [
         max(weights[f"{LAYER_PREFIX}{i}.{n}"].abs().mean().item() for n in POST_NORMS) for i in range(count)
     ]
-
-
-POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
 def prune_checkpoint(path: Path, drop: int, out: Path) -> dict:

@@ -649,6 +649,13 @@ def load_state(run: Path, s: TrainSettings, model, ctc_head, optimizer) -> dict:
 FIT_FROM, FIT_AT, FIT_MARGIN = 50, 150, 0.9
 
 LAYER_PREFIX = "language_model.layers."
+# the scales of what a decoder layer adds to the residual stream: zero, and the layer is an identity
+POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
+
+
+def layer_depth(state: dict) -> int:
+    """How many decoder layers a model's state dict holds."""
+    return 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in state if k.startswith(LAYER_PREFIX))
 
 
 def grown(weights: dict, fresh: dict) -> dict:
@@ -659,12 +666,11 @@ def grown(weights: dict, fresh: dict) -> dict:
     zero: a layer adds nothing to the residual stream), so the deeper model first computes exactly what
     the shallower one did. Same depth: the weights as they are."""
 
-    def depth(state: dict) -> int:
-        return 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in state if k.startswith(LAYER_PREFIX))
-
-    extra = depth(fresh) - depth(weights)
+    extra = layer_depth(fresh) - layer_depth(weights)
     if extra < 0:
-        raise ValueError(f"--init has {depth(weights)} layers, more than this run's {depth(fresh)}")
+        raise ValueError(
+            f"--init has {layer_depth(weights)} layers, more than this run's {layer_depth(fresh)}"
+        )
     out = {}
     for key, value in weights.items():
         if key.startswith(LAYER_PREFIX):
@@ -674,20 +680,15 @@ def grown(weights: dict, fresh: dict) -> dict:
     new_layers = tuple(f"{LAYER_PREFIX}{i}." for i in range(extra))
     for key, value in fresh.items():
         if key.startswith(new_layers):
-            out[key] = torch.zeros_like(value) if key.endswith(_POST_NORMS) else value
+            out[key] = torch.zeros_like(value) if key.endswith(POST_NORMS) else value
     return out
-
-
-_POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
 def added_layers(s: TrainSettings) -> int:
     """How many bottom layers `grown` adds to --init's weights (0 without --init)."""
     if not s.init:
         return 0
-    keys = torch.load(s.init, weights_only=False, map_location="cpu")["model"].keys()
-    depth = 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in keys if k.startswith(LAYER_PREFIX))
-    return max(0, s.layers - depth)
+    return max(0, s.layers - layer_depth(torch.load(s.init, weights_only=False, map_location="cpu")["model"]))
 
 
 def parameter_groups(model: nn.Module, ctc_head: nn.Module, added: int, scale: float) -> list[dict]:
