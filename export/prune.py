@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from export.dataset import stamped
-from export.train import LAYER_PREFIX, POST_NORMS, layer_depth, save_atomically
+from export.train import LAYER_PREFIX, POST_NORMS, layer_depth, renumbered, save_atomically
 
 
 def without_bottom_layers(weights: dict[str, torch.Tensor], drop: int) -> dict[str, torch.Tensor]:
@@ -22,19 +22,12 @@ def without_bottom_layers(weights: dict[str, torch.Tensor], drop: int) -> dict[s
     depth = layer_depth(weights)
     if not 0 < drop < depth:
         raise ValueError(f"can drop 1 to {depth - 1} of {depth} layers, not {drop}")
-    out = {}
-    for name, value in weights.items():
-        if name.startswith(LAYER_PREFIX):
-            index, rest = name[len(LAYER_PREFIX) :].split(".", 1)
-            if int(index) < drop:
-                continue
-            name = f"{LAYER_PREFIX}{int(index) - drop}.{rest}"
-        out[name] = value
-    return out
+    return renumbered(weights, -drop)
 
 
 def bottom_layer_scales(weights: dict[str, torch.Tensor], count: int) -> list[float]:
-    """Mean |post-norm scale| of each of the bottom `count` layers: what each adds to the residual."""
+    """For each of the bottom `count` layers, the larger mean |scale| of its two post-norms: how much it
+    adds to the residual stream."""
     return [
         max(weights[f"{LAYER_PREFIX}{i}.{n}"].abs().mean().item() for n in POST_NORMS) for i in range(count)
     ]

@@ -658,6 +658,19 @@ def layer_depth(state: dict) -> int:
     return 1 + max(int(k[len(LAYER_PREFIX) :].split(".")[0]) for k in state if k.startswith(LAYER_PREFIX))
 
 
+def renumbered(weights: dict, shift: int) -> dict:
+    """`weights` with each decoder layer's index moved by `shift`; layers moved below 0 are left out."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith(LAYER_PREFIX):
+            index, rest = key[len(LAYER_PREFIX) :].split(".", 1)
+            if int(index) + shift < 0:
+                continue
+            key = f"{LAYER_PREFIX}{int(index) + shift}.{rest}"
+        out[key] = value
+    return out
+
+
 def grown(weights: dict, fresh: dict) -> dict:
     """`weights` of a shallower run, fitted to a deeper model whose freshly initialised state is `fresh`.
 
@@ -671,12 +684,7 @@ def grown(weights: dict, fresh: dict) -> dict:
         raise ValueError(
             f"--init has {layer_depth(weights)} layers, more than this run's {layer_depth(fresh)}"
         )
-    out = {}
-    for key, value in weights.items():
-        if key.startswith(LAYER_PREFIX):
-            index, rest = key[len(LAYER_PREFIX) :].split(".", 1)
-            key = f"{LAYER_PREFIX}{int(index) + extra}.{rest}"
-        out[key] = value
+    out = renumbered(weights, extra)
     new_layers = tuple(f"{LAYER_PREFIX}{i}." for i in range(extra))
     for key, value in fresh.items():
         if key.startswith(new_layers):

@@ -11,7 +11,7 @@ TINY = train.TrainSettings(hidden=32, layers=2, heads=2, kv_heads=1, head_dim=16
                            format="interleaved")  # fmt: skip
 
 
-def test_dropping_the_layers_growth_added_gives_back_the_shallow_weights(tmp_path):
+def test_dropping_the_layers_growth_added_gives_back_the_shallow_weights():
     shallow, _ = train.build_model(TINY, 300)
     deep, _ = train.build_model(replace(TINY, layers=4, seed=1), 300)
     grown = train.grown(shallow.state_dict(), deep.state_dict())
