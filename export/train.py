@@ -93,6 +93,8 @@ class TrainSettings:
     eval_loss_count: int = 120  # held-out utterances per split for the teacher-forced loss
     eval_cer_count: int = 24  # greedy-decoded held-out utterances per split
     checkpoint_seconds: float = 300.0
+    keep_evals: bool = False  # also keep each evaluation's weights as step-N.pt: the last few of a stage
+    # averaged (export.average) can beat its best single step, as blends of stages did
     seconds: float = 0.0  # > 0: a wall-clock budget; the cosine horizon (steps) is refitted to what fits
 
 
@@ -906,6 +908,9 @@ class Trainer:
             if step % s.eval_every == 0 or step == until:
                 metrics = self.evaluate(step)
                 self.keep_best(metrics, step)
+                if s.keep_evals:
+                    save_state(self.run / f"step-{step}.pt", **self.weights(), step=step, metrics=metrics,
+                               settings=asdict(self.s))  # fmt: skip
                 self.log("eval " + json.dumps(metrics))
                 self.append_metrics({"eval": metrics})
             if time.time() - last_save > s.checkpoint_seconds or step == until:

@@ -232,6 +232,20 @@ def test_resume_restores_state_and_saves_hf_checkpoint(run_dirs, tmp_path):
     assert (tmp_path / "default" / "tokenizer.json").exists()
 
 
+def test_keep_evals_saves_each_evaluations_weights_to_average(run_dirs, tmp_path):
+    run = tmp_path / "run"  # a fresh run: the shared one has trained in other tests
+    run.mkdir()
+    (run / "tokenizer.json").write_text((run_dirs / "run" / "tokenizer.json").read_text())
+    s = replace(settings(run_dirs, eval_every=2, keep_evals=True), run=str(run))
+    trainer = train.Trainer(s, log=lambda m: None)
+    assert trainer.train(until=4) == 4
+    assert sorted(p.name for p in run.glob("step-*.pt")) == ["step-2.pt", "step-4.pt"]
+    last = torch.load(run / "step-4.pt", weights_only=False)
+    assert last["step"] == 4 and "eval-seen/loss" in last["metrics"]
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(last["model"][name], value.cpu())
+
+
 def test_accumulated_batches_add_up_to_the_mean_of_their_gradients(run_dirs):
     s = settings(run_dirs, accumulate=2, augment_prob=0.0)
     trainer = train.Trainer(s, log=lambda m: None)
