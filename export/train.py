@@ -93,8 +93,8 @@ class TrainSettings:
     eval_loss_count: int = 120  # held-out utterances per split for the teacher-forced loss
     eval_cer_count: int = 24  # greedy-decoded held-out utterances per split
     checkpoint_seconds: float = 300.0
-    keep_evals: bool = False  # also keep each evaluation's weights as step-N.pt: the last few of a stage
-    # averaged (export.average) can beat its best single step, as blends of stages did
+    keep_evals: bool = False  # also keep each evaluation's weights as step-N.pt, to average the last few
+    # of a stage (export.average) as blends of stages were
     seconds: float = 0.0  # > 0: a wall-clock budget; the cosine horizon (steps) is refitted to what fits
 
 
@@ -876,9 +876,11 @@ class Trainer:
         loss = metrics.get("eval-seen/loss", float("inf"))
         if loss < self.state["best"]:
             self.state["best"] = loss
-            save_state(
-                self.run / "best.pt", **self.weights(), step=step, metrics=metrics, settings=asdict(self.s)
-            )
+            self.save_evaluated(self.run / "best.pt", metrics, step)
+
+    def save_evaluated(self, path: Path, metrics: dict, step: int) -> None:
+        """Weights with what their evaluation measured: what export.save_default and export.average read."""
+        save_state(path, **self.weights(), step=step, metrics=metrics, settings=asdict(self.s))
 
     def train(self, until: int) -> int:
         step = self.state["step"]
@@ -909,8 +911,7 @@ class Trainer:
                 metrics = self.evaluate(step)
                 self.keep_best(metrics, step)
                 if s.keep_evals:
-                    save_state(self.run / f"step-{step}.pt", **self.weights(), step=step, metrics=metrics,
-                               settings=asdict(self.s))  # fmt: skip
+                    self.save_evaluated(self.run / f"step-{step}.pt", metrics, step)
                 self.log("eval " + json.dumps(metrics))
                 self.append_metrics({"eval": metrics})
             if time.time() - last_save > s.checkpoint_seconds or step == until:

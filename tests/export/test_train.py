@@ -39,6 +39,14 @@ def settings(root, **changes):
     return replace(TINY, data=str(root / "data"), run=str(root / "run"), **changes)
 
 
+def fresh_run(root, tmp_path):
+    """A run with the shared tokenizer and nothing trained (the shared run has trained in other tests)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text((root / "run" / "tokenizer.json").read_text())
+    return run
+
+
 def test_prefix_target_is_the_completed_words(run_dirs):
     data = dataset.Corpus(run_dirs / "data", "train")
     audio, rec = data[2]
@@ -182,9 +190,7 @@ def test_drill_batches_leave_the_eval_problems_out(run_dirs):
 
 def test_training_with_a_drill_logs_its_loss(run_dirs, tmp_path):
     s = settings(run_dirs, drill=4, log_every=2)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "tokenizer.json").write_text((run_dirs / "run" / "tokenizer.json").read_text())
-    trainer = train.Trainer(replace(s, run=str(tmp_path / "run")), log=lambda m: None)
+    trainer = train.Trainer(replace(s, run=str(fresh_run(run_dirs, tmp_path))), log=lambda m: None)
     assert trainer.train(until=2) == 2
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     drilled = [x["train"]["drill"] for x in lines if "train" in x]
@@ -233,9 +239,7 @@ def test_resume_restores_state_and_saves_hf_checkpoint(run_dirs, tmp_path):
 
 
 def test_keep_evals_saves_each_evaluations_weights_to_average(run_dirs, tmp_path):
-    run = tmp_path / "run"  # a fresh run: the shared one has trained in other tests
-    run.mkdir()
-    (run / "tokenizer.json").write_text((run_dirs / "run" / "tokenizer.json").read_text())
+    run = fresh_run(run_dirs, tmp_path)
     s = replace(settings(run_dirs, eval_every=2, keep_evals=True), run=str(run))
     trainer = train.Trainer(s, log=lambda m: None)
     assert trainer.train(until=4) == 4
